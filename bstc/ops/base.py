@@ -1,0 +1,134 @@
+"""The contract every layer kind fulfils.
+
+A layer kind is one module in bstc/ops/ that defines a subclass of `Op` and registers a
+singleton with `@register`. The op holds, in one place:
+
+* its parameter schema (`params`): the checker validates a layer's arguments against it;
+* its shape rule (`out_shape`) and any extra semantic checks (`check`);
+* its cost rules (`param_count`, `flops_per_token`), used by `bstc explain`;
+* its lowering (`build`): an `eqx.Module` whose `__call__(x, *, context=None, key=None)` maps
+  a batched activation `x: (B, L, D)` to the sublayer output.
+
+Shapes are tuples whose first entry is the symbol "B" (batch); every other entry is an int.
+SSM-like ops with `filters > 1` return `(B, L, F, D)`; everything else returns `(B, L, D)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
+
+REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class Param:
+    """One argument of a layer kind. `type` is int, float, bool or str (an enum symbol)."""
+
+    name: str
+    type: type
+    default: Any = REQUIRED
+    choices: tuple[str, ...] | None = None
+    min: float | None = None
+    max: float | None = None
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Model-level sizes every op sees (the resolved top-level parameters)."""
+
+    vocab: int
+    d_model: int
+    heads: int
+    window: int
+    seq_len: int
+    dtype: str = "float32"  # compute dtype: float32 | bfloat16
+    param_dtype: str = "float32"
+    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """What a context-injection edge delivers to the op that consumes it.
+
+    variant: 'sh' | 'mh' | 'mf'
+    filters: F, the number of filters (output sets) of the source SSM; the source's output is
+             (B, L, D) when F == 1 and (B, L, F, D) otherwise.
+    source_kind: the layer kind of the source (for messages).
+    """
+
+    variant: str
+    filters: int
+    source_kind: str = ""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A semantic error found by an op's `check`; `arg` names the offending argument (for the caret)."""
+
+    message: str
+    arg: str | None = None
+    hint: str | None = None
+
+
+class Op:
+    kind: ClassVar[str]
+    role: ClassVar[str] = "other"  # cost bucket: 'attn' | 'ssm' | 'mlp' | 'norm' | 'embed' | 'other'
+    params: ClassVar[tuple[Param, ...]] = ()
+    accepts_context: ClassVar[bool] = False  # may be the target of a context edge
+    context_source: ClassVar[bool] = False  # may be the source of a context edge
+    doc: ClassVar[str] = ""
+
+    # ---- checking -------------------------------------------------------------------
+    def check(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> list[Problem]:
+        """Rules beyond the schema (divisibility, variant/shape fit). Default: none."""
+        return []
+
+    def filters(self, args: Mapping[str, Any], dims: Dims) -> int:
+        """Number of output filters (1 for everything but multi-filter SSMs)."""
+        return int(args.get("filters", 1))
+
+    def out_shape(self, args: Mapping[str, Any], dims: Dims) -> tuple:
+        f = self.filters(args, dims)
+        if f > 1:
+            return ("B", dims.seq_len, f, dims.d_model)
+        return ("B", dims.seq_len, dims.d_model)
+
+    # ---- costs ----------------------------------------------------------------------
+    def param_count(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> int:
+        raise NotImplementedError
+
+    def flops_per_token(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> float:
+        """Forward FLOPs per token (a multiply-add counts 2), averaged over a seq_len sequence."""
+        raise NotImplementedError
+
+    def activation_bytes_per_token(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> float:
+        """Activation memory kept for the backward pass, per token (rough, for explain)."""
+        itemsize = 2 if dims.dtype == "bfloat16" else 4
+        return 4 * dims.d_model * itemsize
+
+    # ---- lowering -------------------------------------------------------------------
+    def build(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, *, key):
+        """Return an eqx.Module: module(x, *, context=None, key=None) -> output of out_shape."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, Op] = {}
+
+
+def register(cls):
+    """Class decorator: register a singleton of an Op subclass under its `kind`."""
+    if cls.kind in REGISTRY:
+        raise ValueError(f"layer kind {cls.kind!r} registered twice")
+    REGISTRY[cls.kind] = cls()
+    return cls
+
+
+def fft_len(n: int) -> int:
+    """Smallest power of two >= n (FFT convolution length for a causal conv of length n is fft_len(2n))."""
+    return 1 << max(0, math.ceil(math.log2(max(n, 1))))
