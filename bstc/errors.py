@@ -99,10 +99,15 @@ class Collector:
 
     def __init__(self, sources: dict[str, str] | None = None):
         self.diagnostics: list[Diagnostic] = []
+        self._seen: set[Diagnostic] = set()
         self.sources = dict(sources or {})
 
     def error(self, span: Span | None, message: str, hint: str | None = None) -> None:
-        self.diagnostics.append(Diagnostic(span, message, hint))
+        d = Diagnostic(span, message, hint)
+        # Each occurrence of a block re-checks the same source lines: report a line's problem once.
+        if d not in self._seen:
+            self._seen.add(d)
+            self.diagnostics.append(d)
 
     def __bool__(self) -> bool:
         return bool(self.diagnostics)

@@ -1,0 +1,1 @@
+"""Compiler passes: evaluate → resolve → expand → check (schema, edges, shapes) → report."""

@@ -1,0 +1,241 @@
+"""Expand the stack: bind block parameters, unroll repeat groups, number each block's
+occurrences (`bst.0`, `bst.1`, …), evaluate every sublayer argument in its scope and apply
+per-occurrence overrides. The result still needs the schema and shape checks (check.py)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from bstc.errors import Collector, Span, suggest, suggest_or_list
+from bstc.passes.evaluate import Scope, Symbol, evaluate
+from bstc.syntax import ast
+
+UNIVERSAL_ARGS = ("norm", "placement", "residual")  # accepted by every sublayer
+MAX_LAYERS = 10_000
+
+
+@dataclass
+class RawArg:
+    value: object
+    span: Span | None
+
+
+@dataclass
+class RawSub:
+    name: str
+    kind: str
+    span: Span | None
+    kind_span: Span | None
+    args: dict  # name -> RawArg (evaluated)
+    edge: tuple | None = None  # (ast.Edge, resolved variant str, variant span)
+
+
+@dataclass
+class RawInstance:
+    block: str
+    index: int
+    share: str | None
+    span: Span | None
+    subs: list
+
+
+@dataclass
+class Expanded:
+    instances: list
+    final_norm: str | None = None
+    head_tied: bool = False
+    builtin_spans: dict = field(default_factory=dict)
+
+
+def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
+    blocks: dict[str, ast.BlockDef] = {}
+    for b in model.blocks:
+        if b.name in blocks:
+            errors.error(b.span, f"block '{b.name}' is defined twice",
+                         f"first defined at line {blocks[b.name].span.line if blocks[b.name].span else '?'}")
+            continue
+        _check_block_def(b, errors)
+        blocks[b.name] = b
+
+    out = Expanded([])
+    counters: dict[str, int] = {}
+    overrides: list[ast.Override] = []
+    builtins_seen: dict[str, ast.Builtin] = {}
+    order: list[str] = []  # sequence of 'embed'/'block'/'norm'/'head' as written (top level)
+
+    def walk(stmts, depth: int):
+        for st in stmts:
+            if len(out.instances) > MAX_LAYERS:
+                return
+            if isinstance(st, ast.Builtin):
+                if depth > 0:
+                    errors.error(st.span, f"'{st.what}' cannot be inside 'repeat'")
+                    continue
+                if st.what in builtins_seen:
+                    errors.error(st.span, f"'{st.what}' appears twice in layers")
+                    continue
+                builtins_seen[st.what] = st
+                order.append(st.what)
+                _builtin(st, out, errors)
+            elif isinstance(st, ast.Repeat):
+                n = evaluate(st.count, scope, errors)
+                if n is None:
+                    continue
+                if isinstance(n, float) and n.is_integer():
+                    n = int(n)
+                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+                    errors.error(st.count.span or st.span, f"repeat count must be a positive integer, got {n!r}")
+                    continue
+                if n > MAX_LAYERS:
+                    errors.error(st.count.span or st.span, f"repeat count {n} is too large (at most {MAX_LAYERS})")
+                    continue
+                if depth == 0:
+                    order.append("block")
+                for _ in range(n):
+                    walk(st.body, depth + 1)
+            elif isinstance(st, ast.Override):
+                overrides.append(st)
+            elif isinstance(st, ast.Use):
+                if depth == 0:
+                    order.append("block")
+                b = blocks.get(st.block)
+                if b is None:
+                    errors.error(st.span, f"unknown block '{st.block}'",
+                                 suggest_or_list(st.block, blocks, "defined blocks"))
+                    continue
+                idx = counters.get(st.block, 0)
+                counters[st.block] = idx + 1
+                inst = _instantiate(b, st, idx, scope, errors)
+                if inst is not None:
+                    out.instances.append(inst)
+
+    walk(model.layers, 0)
+    if len(out.instances) > MAX_LAYERS:
+        errors.error(model.layers_span, f"the stack has more than {MAX_LAYERS} blocks")
+    _check_order(order, builtins_seen, model, errors)
+    out.builtin_spans = {k: v.span for k, v in builtins_seen.items()}
+
+    by_name = {(i.block, i.index): i for i in out.instances}
+    for ov in overrides:
+        inst = by_name.get((ov.block, ov.index))
+        if inst is None:
+            n = counters.get(ov.block, 0)
+            if ov.block not in blocks:
+                errors.error(ov.span, f"unknown block '{ov.block}'", suggest_or_list(ov.block, blocks, "defined blocks"))
+            else:
+                errors.error(ov.span, f"block '{ov.block}' has no occurrence {ov.index}",
+                             f"occurrences are {ov.block}.0 … {ov.block}.{n - 1}" if n else f"'{ov.block}' is never used")
+            continue
+        _apply_override(inst, ov, blocks[ov.block], scope, errors)
+    return out
+
+
+def _check_block_def(b: ast.BlockDef, errors: Collector) -> None:
+    names: dict[str, ast.SubDef] = {}
+    for s in b.subs:
+        if s.name in names:
+            errors.error(s.span, f"sublayer '{s.name}' is defined twice in block '{b.name}'",
+                         f"first defined at line {names[s.name].span.line if names[s.name].span else '?'}")
+        names[s.name] = s
+        seen_args = set()
+        for a in s.args:
+            if a.name in seen_args:
+                errors.error(a.span, f"argument '{a.name}' is given twice")
+            seen_args.add(a.name)
+    seen = set()
+    for p in b.params:
+        if p.name in seen:
+            errors.error(p.span, f"block parameter '{p.name}' is declared twice")
+        seen.add(p.name)
+    if not b.subs:
+        errors.error(b.span, f"block '{b.name}' has no sublayers")
+
+
+def _builtin(st: ast.Builtin, out: Expanded, errors: Collector) -> None:
+    if st.what == "embed":
+        if st.arg not in (None, "tokens"):
+            errors.error(st.arg_span, f"unknown embedding '{st.arg}'", "write `embed` or `embed tokens`")
+    elif st.what == "norm":
+        if st.arg not in ("rms", "layer", "none"):
+            errors.error(st.arg_span or st.span, f"unknown norm '{st.arg}'",
+                         suggest_or_list(str(st.arg), ("rms", "layer", "none"), "norms"))
+        else:
+            out.final_norm = None if st.arg == "none" else st.arg
+    elif st.what == "head":
+        if st.arg not in ("tied", "untied"):
+            errors.error(st.arg_span or st.span, f"unknown head '{st.arg}'",
+                         suggest_or_list(str(st.arg), ("tied", "untied"), "heads"))
+        else:
+            out.head_tied = st.arg == "tied"
+
+
+def _check_order(order, seen, model, errors: Collector) -> None:
+    if "embed" not in seen:
+        errors.error(model.layers_span or model.span, "layers must start with `embed`")
+    elif order[0] != "embed":
+        errors.error(seen["embed"].span, "`embed` must be the first entry of layers")
+    if "head" not in seen:
+        errors.error(model.layers_span or model.span, "layers must end with `head tied` or `head untied`")
+    elif order[-1] != "head":
+        errors.error(seen["head"].span, "`head` must be the last entry of layers")
+    if "norm" in seen and "head" in seen and order.index("norm") > order.index("head"):
+        errors.error(seen["norm"].span, "the final `norm` must come before `head`")
+    if "block" not in order:
+        errors.error(model.layers_span or model.span, "the stack has no blocks")
+
+
+def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: Collector):
+    declared = {p.name: p for p in b.params}
+    bound: dict = {}
+    for a in use.args:
+        if a.name not in declared:
+            hint = suggest(a.name, declared) or (
+                f"block '{b.name}' takes: {', '.join(declared)}" if declared else f"block '{b.name}' takes no parameters")
+            errors.error(a.span, f"block '{b.name}' has no parameter '{a.name}'", hint)
+            continue
+        if a.name in bound:
+            errors.error(a.span, f"parameter '{a.name}' is given twice")
+            continue
+        bound[a.name] = evaluate(a.value, scope, errors)
+    ok = True
+    for p in b.params:
+        if p.name not in bound:
+            if p.default is None:
+                errors.error(use.span, f"block '{b.name}' needs parameter '{p.name}'",
+                             f"write `{b.name}({p.name} = ...)`")
+                ok = False
+                continue
+            bound[p.name] = evaluate(p.default, scope, errors)
+    if not ok:
+        return None
+    inner = Scope(bound, scope)
+    subs = []
+    for s in b.subs:
+        args = {}
+        edge = None
+        for a in s.args:
+            if isinstance(a.value, ast.Edge):
+                if a.name != "context":
+                    errors.error(a.value.span, f"a context edge can only be given as 'context', not '{a.name}'")
+                    continue
+                found, var = inner.lookup(a.value.variant)
+                variant = str(var) if found and var is not None else a.value.variant
+                edge = (a.value, variant, a.value.variant_span)
+                continue
+            args[a.name] = RawArg(evaluate(a.value, inner, errors), a.span)
+        subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edge))
+    return RawInstance(b.name, idx, use.share, use.span, subs)
+
+
+def _apply_override(inst: RawInstance, ov: ast.Override, b: ast.BlockDef, scope: Scope, errors: Collector) -> None:
+    subs = {s.name: s for s in inst.subs}
+    for st in ov.settings:
+        s = subs.get(st.sub)
+        if s is None:
+            errors.error(st.span, f"block '{b.name}' has no sublayer '{st.sub}'", suggest_or_list(st.sub, subs, "sublayers"))
+            continue
+        v = evaluate(st.value, scope, errors)
+        s.args[st.param] = RawArg(v, st.span)
+
+
+def is_symbol(v) -> bool:
+    return isinstance(v, Symbol)

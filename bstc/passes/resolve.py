@@ -1,0 +1,159 @@
+"""Resolve the top-level parameters: apply outside overrides, evaluate in order, check the
+model-family rules (positive sizes, seq_len % window, d_model % heads), and build Dims."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from bstc.errors import Collector, Span, suggest
+from bstc.ops.base import Dims
+from bstc.passes.evaluate import Scope, Symbol, describe, evaluate
+from bstc.syntax import ast
+
+REQUIRED_PARAMS = ("vocab", "d_model", "heads", "window", "seq_len")
+
+# Model-wide settings every model has, with their defaults and allowed values.
+SETTINGS = {
+    "dtype": ("float32", ("float32", "bfloat16")),
+    "param_dtype": ("float32", ("float32", "bfloat16")),
+    "norm": ("rms", ("rms", "layer", "none")),
+    "placement": ("pre", ("pre", "post")),
+}
+DTYPE_ALIASES = {"f32": "float32", "fp32": "float32", "bf16": "bfloat16"}
+
+
+@dataclass
+class Resolved:
+    params: dict
+    scope: Scope
+    dims: Dims | None
+    spans: dict  # param name -> Span of its definition
+
+
+def override_exprs(overrides, errors: Collector) -> dict[str, ast.Assign]:
+    """`--set k=v` strings or a dict of Python values → Assign nodes (file '<--set>')."""
+    from bstc.syntax.dsl import parse_expr
+
+    out = {}
+    for k, v in (overrides or {}).items():
+        span = Span("<--set>", 1, 1)
+        if isinstance(v, bool):
+            expr = ast.Name("true" if v else "false", span)
+        elif isinstance(v, (int, float)):
+            expr = ast.Num(v, span)
+        elif isinstance(v, str):
+            expr = parse_expr(v, "<--set>", 1, 1, errors)
+            if expr is None:
+                continue
+        else:
+            errors.error(None, f"--set {k}: unsupported value {v!r}")
+            continue
+        out[k] = ast.Assign(k, expr, span)
+    return out
+
+
+def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
+    over = override_exprs(overrides, errors)
+    defined = {a.name for a in model.assigns}
+    for k in over:
+        if k not in defined and k not in SETTINGS:
+            hint = suggest(k, defined | set(SETTINGS)) or ("parameters: " + ", ".join(sorted(defined)))
+            errors.error(None, f"--set {k}: the model has no parameter '{k}'", hint)
+
+    scope = Scope({})
+    spans: dict = {}
+    seen: dict = {}
+    pending_later = {a.name: a for a in model.assigns}
+    for a in model.assigns:
+        if a.name in seen:
+            errors.error(a.span, f"parameter '{a.name}' is defined twice",
+                         f"first defined at line {seen[a.name].line}")
+            continue
+        seen[a.name] = a.span
+        expr = over[a.name].value if a.name in over else a.value
+        if _check_forward_refs(expr, scope, pending_later, a.name, errors):
+            v = evaluate(expr, scope, errors)
+        else:
+            v = None
+        if isinstance(v, str) and not isinstance(v, Symbol) and a.name not in SETTINGS:
+            pass  # string parameters are allowed (used as enum values)
+        scope.values[a.name] = v
+        spans[a.name] = a.span
+    for k, (default, _) in SETTINGS.items():
+        if k not in scope.values:
+            scope.values[k] = evaluate(over[k].value, scope, errors) if k in over else default
+    params = dict(scope.values)
+
+    ok = True
+    for k in REQUIRED_PARAMS:
+        if k not in params:
+            errors.error(model.span, f"model '{model.name}' does not define '{k}'",
+                         f"add `{k} = ...` at the top of the model")
+            ok = False
+            continue
+        v = params[k]
+        if v is None:
+            ok = False
+            continue
+        if isinstance(v, float) and v.is_integer():
+            v = params[k] = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
+            errors.error(spans.get(k), f"'{k}' must be a positive integer, got {describe(v)}")
+            ok = False
+    for k, (_, allowed) in SETTINGS.items():
+        v = params.get(k)
+        if isinstance(v, str):
+            v = params[k] = DTYPE_ALIASES.get(str(v), str(v))
+        if v not in allowed:
+            errors.error(spans.get(k), f"'{k}' must be one of {', '.join(allowed)}, got {describe(v)}",
+                         suggest(str(v), allowed))
+            ok = False
+    dims = None
+    if ok:
+        if params["seq_len"] % params["window"]:
+            errors.error(spans.get("seq_len"),
+                         f"seq_len ({params['seq_len']}) is not divisible by window ({params['window']})",
+                         _divisible_hint(params["seq_len"], params["window"], "seq_len"))
+            ok = False
+        if params["d_model"] % params["heads"]:
+            errors.error(spans.get("d_model"),
+                         f"d_model ({params['d_model']}) is not divisible by heads ({params['heads']})",
+                         _divisible_hint(params["d_model"], params["heads"], "d_model"))
+            ok = False
+    if ok:
+        dims = Dims(vocab=params["vocab"], d_model=params["d_model"], heads=params["heads"],
+                    window=params["window"], seq_len=params["seq_len"], dtype=params["dtype"],
+                    param_dtype=params["param_dtype"], extra=params)
+    for k, v in params.items():
+        if isinstance(v, Symbol):  # plain enum-like values are kept as str in the IR
+            params[k] = str(v)
+    return Resolved(params, scope, dims, spans)
+
+
+def _divisible_hint(n: int, d: int, what: str) -> str:
+    lo, hi = (n // d) * d, (n // d + 1) * d
+    return f"try {what} = {lo if lo > 0 else hi} or {hi}"
+
+
+def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: Collector) -> bool:
+    """A parameter may only use parameters defined above it (order is meaning)."""
+    ok = True
+    for node in _names(expr):
+        if node.id in later and not scope.lookup(node.id)[0]:
+            if node.id == current:
+                errors.error(node.span, f"parameter '{current}' refers to itself")
+                ok = False
+            else:
+                ok = False
+                errors.error(node.span, f"parameter '{node.id}' is used before it is defined",
+                             f"move `{node.id} = ...` above line {node.span.line if node.span else '?'}")
+    return ok
+
+
+def _names(e):
+    if isinstance(e, ast.Name):
+        yield e
+    elif isinstance(e, ast.BinOp):
+        yield from _names(e.left)
+        yield from _names(e.right)
+    elif isinstance(e, ast.Neg):
+        yield from _names(e.operand)

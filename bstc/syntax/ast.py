@@ -1,0 +1,173 @@
+"""The syntax tree both front ends produce. Spans never take part in equality, so a `.bst`
+file and its YAML twin give equal trees."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from bstc.errors import Span
+
+
+def _span():
+    return field(default=None, compare=False, repr=False)
+
+
+# ---- expressions ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Num:
+    value: int | float
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Str:
+    value: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Name:
+    """A parameter reference, or a symbol such as `gelu`, `sh`, `true` when no parameter has that name."""
+
+    id: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class BinOp:
+    op: str  # + - * / // % **
+    left: "Expr"
+    right: "Expr"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Neg:
+    operand: "Expr"
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Context-injection edge `source -> variant`."""
+
+    source: str
+    variant: str
+    span: Span | None = _span()
+    source_span: Span | None = _span()
+    variant_span: Span | None = _span()
+
+
+Expr = Union[Num, Str, Name, BinOp, Neg]
+Value = Union[Expr, Edge]
+
+
+# ---- declarations -----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Assign:
+    name: str
+    value: Expr
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Arg:
+    name: str
+    value: Value
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class BlockParam:
+    name: str
+    default: Expr | None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class SubDef:
+    name: str
+    kind: str
+    args: tuple[Arg, ...]
+    span: Span | None = _span()
+    kind_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class BlockDef:
+    name: str
+    params: tuple[BlockParam, ...]
+    subs: tuple[SubDef, ...]
+    span: Span | None = _span()
+
+
+# ---- the stack --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Use:
+    block: str
+    args: tuple[Arg, ...] = ()
+    share: str | None = None
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Repeat:
+    count: Expr
+    body: tuple["Stmt", ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Setting:
+    sub: str
+    param: str
+    value: Expr
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Override:
+    block: str
+    index: int
+    settings: tuple[Setting, ...]
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Builtin:
+    """`embed`, `norm rms|layer`, `head tied|untied`."""
+
+    what: str
+    arg: str | None = None
+    span: Span | None = _span()
+    arg_span: Span | None = _span()
+
+
+Stmt = Union[Use, Repeat, Override, Builtin]
+
+
+@dataclass(frozen=True)
+class MeshAxis:
+    name: str
+    size: Expr
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class Rule:
+    logical: str
+    mesh_axes: tuple[str, ...]
+    span: Span | None = _span()
+    target_span: Span | None = _span()
+
+
+@dataclass(frozen=True)
+class ModelDef:
+    name: str
+    assigns: tuple[Assign, ...]
+    blocks: tuple[BlockDef, ...]
+    layers: tuple[Stmt, ...]
+    mesh: tuple[MeshAxis, ...] | None = None
+    rules: tuple[Rule, ...] | None = None
+    span: Span | None = _span()
+    layers_span: Span | None = _span()

@@ -1,0 +1,32 @@
+"""The model zoo shipped with bstc (models/*.bst, models/*.yaml)."""
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+
+
+def models_dir() -> Path:
+    try:
+        d = Path(str(resources.files("bstc.models")))
+        if d.is_dir() and any(d.glob("*.bst")):
+            return d
+    except (ModuleNotFoundError, TypeError):
+        pass
+    return Path(__file__).resolve().parent.parent / "models"
+
+
+def list_models() -> list[Path]:
+    d = models_dir()
+    return sorted(list(d.glob("*.bst")) + list(d.glob("*.yaml")))
+
+
+def resolve(name_or_path: str) -> Path | None:
+    """A path that exists, or the name of a zoo model (`bst_sh_s4`, `bst_sh_s4.yaml`)."""
+    p = Path(name_or_path)
+    if p.is_file():
+        return p
+    d = models_dir()
+    for cand in (d / name_or_path, d / f"{name_or_path}.bst", d / f"{name_or_path}.yaml"):
+        if cand.is_file():
+            return cand
+    return None
