@@ -125,3 +125,53 @@ def dump(m: Model) -> str:
         out.append("  rules { " + "; ".join(f"{k} -> ({', '.join(v)})" for k, v in m.mesh.rules) + " }")
     out.append("}")
     return "\n".join(out)
+
+
+def _bst_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v) if v >= 0 else f"({v!r})"
+    s = str(v)
+    return s if s.isidentifier() else f'"{s}"'
+
+
+def to_bst(m: Model) -> str:
+    """A valid `.bst` file for the resolved model: every parameter and argument spelled out.
+
+    Each distinct block (block name + resolved sublayers) becomes one block definition; a block
+    whose occurrences were overridden differently gets suffixed variants (`bst_2`, …)."""
+    names: dict = {}
+    defs: list[str] = []
+    per_block: dict[str, int] = {}
+    for inst in m.layers:
+        if inst.signature in names:
+            continue
+        n = per_block.get(inst.block, 0) + 1
+        per_block[inst.block] = n
+        bname = inst.block if n == 1 else f"{inst.block}_{n}"
+        names[inst.signature] = bname
+        lines = [f"  block {bname} {{"]
+        for s in inst.sublayers:
+            args = [f"{k}: {_bst_value(v)}" for k, v in s.args]
+            args += [f"norm: {s.norm}", f"placement: {s.placement}", f"residual: {_bst_value(s.residual)}"]
+            if s.context:
+                args.append(f"context: {s.context.source} -> {s.context.variant}")
+            lines.append(f"    {s.name} = {s.kind}({', '.join(args)})")
+        lines.append("  }")
+        defs.append("\n".join(lines))
+    out = [f"# resolved by bstc from {m.file}", f"model {m.name} {{"]
+    out += [f"  {k} = {_bst_value(v)}" for k, v in m.params.items()]
+    out += defs
+    if m.mesh:
+        out.append("  mesh { " + ", ".join(f"{a} = {n}" for a, n in m.mesh.axes) + " }")
+        out.append("  rules { " + "; ".join(f"{k} -> ({', '.join(v)})" for k, v in m.mesh.rules) + " }")
+    out.append("  layers {")
+    out.append("    embed")
+    for inst in m.layers:
+        out.append(f"    {names[inst.signature]}" + (f" share {inst.share}" if inst.share else ""))
+    if m.final_norm:
+        out.append(f"    norm {m.final_norm}")
+    out.append(f"    head {'tied' if m.head_tied else 'untied'}")
+    out += ["  }", "}"]
+    return "\n".join(out) + "\n"

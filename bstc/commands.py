@@ -1,0 +1,185 @@
+"""Compiler commands: validate, explain, compile, models. Runtime commands live in runtime/."""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bstc.errors import BstcError
+
+SET_HELP = "Override a top-level model parameter before checking, e.g. --set d_model=256 (repeatable)."
+
+
+def parse_sets(sets: list[str] | None) -> dict[str, str]:
+    """`--set k=v` pairs → {k: 'v'}; values are expressions parsed by the checker."""
+    out = {}
+    for s in sets or []:
+        if "=" not in s:
+            raise typer.BadParameter(f"--set expects name=value, got {s!r}")
+        k, v = s.split("=", 1)
+        k, v = k.strip(), v.strip()
+        if not k.isidentifier() or not v:
+            raise typer.BadParameter(f"--set expects name=value, got {s!r}")
+        out[k] = v
+    return out
+
+
+def _color() -> bool:
+    return sys.stderr.isatty()
+
+
+def cli_errors(fn):
+    """Model-file errors → diagnostics on stderr, exit 1; misuse → one line, exit 2. No tracebacks."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BstcError as e:
+            typer.echo(e.render(color=_color()), err=True)
+            raise typer.Exit(1) from None
+        except typer.BadParameter as e:
+            typer.echo(f"bstc: error: {e}", err=True)
+            raise typer.Exit(2) from None
+        except FileNotFoundError as e:
+            typer.echo(f"bstc: error: {e.args[0] if e.args else e}", err=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def validate(
+    files: List[str] = typer.Argument(..., help="Model files (.bst or .yaml) or zoo model names."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+):
+    """Check model files: syntax, names, schemas, context edges, shapes. Reports every error."""
+    import bstc
+
+    overrides = _sets_or_exit(set_)
+    failed = 0
+    for f in files:
+        try:
+            m = bstc.parse(f, overrides=overrides)
+        except BstcError as e:
+            typer.echo(e.render(color=_color()), err=True)
+            failed += 1
+            continue
+        except FileNotFoundError as e:
+            typer.echo(f"bstc: error: {e.args[0]}", err=True)
+            failed += 1
+            continue
+        typer.echo(f"{f}: ok — model {m.name}, {len(m.layers)} blocks")
+    if failed:
+        raise typer.Exit(1)
+
+
+def _sets_or_exit(set_):
+    try:
+        return parse_sets(set_)
+    except typer.BadParameter as e:
+        typer.echo(f"bstc: error: {e}", err=True)
+        raise typer.Exit(2) from None
+
+
+@cli_errors
+def explain(
+    file: str = typer.Argument(..., help="Model file (.bst or .yaml) or zoo model name."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Batch size for the memory estimate."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ir_: bool = typer.Option(False, "--ir", help="Print the resolved IR instead of the table."),
+):
+    """Show the expanded layer table, parameter count, FLOPs per token and memory, before any device is used."""
+    import bstc
+    from bstc import ir
+    from bstc.passes.report import build_report
+
+    m = bstc.parse(file, overrides=parse_sets(set_))
+    if ir_:
+        typer.echo(ir.dump(m))
+        return
+    rep = build_report(m, batch=batch)
+    if as_json:
+        typer.echo(rep.to_json())
+        return
+    print_report(rep)
+
+
+def print_report(rep) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bstc.passes.report import human
+
+    t = Table(title=f"model {rep.model}", box=None, header_style="bold")
+    for col, just in (("#", "right"), ("name", "left"), ("kind", "left"), ("out shape", "left"),
+                      ("params", "right"), ("GFLOP/tok", "right"), ("", "left")):
+        t.add_column(col, justify=just)
+    for r in rep.rows:
+        t.add_row(str(r.index), r.name, r.kind, r.shape, human(r.params), f"{r.flops_per_token / 1e9:.4f}", r.note)
+    c = Console(width=140)
+    c.print(t)
+    c.print(rep.summary())
+
+
+@cli_errors
+def compile_(
+    file: str = typer.Argument(..., help="Model file (.bst or .yaml) or zoo model name."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
+    batch: int = typer.Option(2, "--batch", "-b", min=1, help="Batch size to compile for."),
+    out: Optional[Path] = typer.Option(None, "-o", "--out", help="Write the resolved model and StableHLO text here."),
+    remat: str = typer.Option("none", help="Rematerialisation policy: none | full | dots."),
+    scan: bool = typer.Option(True, "--scan/--no-scan", help="Stack repeated blocks and run them with lax.scan."),
+    as_json: bool = typer.Option(False, "--json", help="Print the figures as JSON."),
+):
+    """Check, lower and AOT-compile the forward pass and a training step; report compile time and XLA's analyses."""
+    from bstc.compile import compile_model
+
+    overrides = parse_sets(set_)
+    if remat not in ("none", "full", "dots"):
+        raise typer.BadParameter(f"--remat must be none, full or dots, got {remat!r}")
+    res = compile_model(file, overrides=overrides, batch=batch, remat=remat, scan=scan, out_dir=out)
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    from bstc.passes.report import bytes_h, human
+
+    typer.echo(f"model {res['model']}: {human(res['params'])} params ({res['params']:,}), "
+               f"batch {batch} × seq_len {res['seq_len']}")
+    typer.echo(f"  check + lower      {res['lower_s']:.2f} s")
+    typer.echo(f"  compile forward    {res['compile_forward_s']:.2f} s")
+    typer.echo(f"  compile train step {res['compile_train_s']:.2f} s")
+    mem = res.get("train_memory") or {}
+    if mem:
+        typer.echo("  XLA memory (train step): " + ", ".join(f"{k} {bytes_h(v)}" for k, v in mem.items()))
+    if res.get("xla_forward_flops"):
+        typer.echo(f"  XLA cost (forward): {res['xla_forward_flops'] / 1e9:.3g} GFLOP "
+                   f"(explain says {res['explain_forward_flops'] / 1e9:.3g} GFLOP)")
+    if out:
+        typer.echo(f"  wrote {out}/model.resolved.bst, {out}/forward.stablehlo.mlir, {out}/train_step.stablehlo.mlir")
+
+
+def models():
+    """List the model zoo shipped with bstc."""
+    from bstc import zoo
+
+    for p in zoo.list_models():
+        first = ""
+        for line in p.read_text().splitlines():
+            if line.startswith("#"):
+                first = line.lstrip("# ").strip()
+                break
+        typer.echo(f"{p.name:28s} {first}")
+    typer.echo(f"({zoo.models_dir()})")
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(validate)
+    app.command()(explain)
+    app.command("compile")(compile_)
+    app.command()(models)

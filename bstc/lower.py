@@ -1,0 +1,239 @@
+"""Lower the checked IR to an Equinox module.
+
+* Each block occurrence becomes a `Block` of sublayers; the residual stream, norm placement
+  and context edges follow the IR exactly.
+* Repeating runs of blocks (a single block repeated, or a repeating pattern of several, like
+  `repeat 3 { local; bst; local; local }`) are built once with `filter_vmap` (stacked weights)
+  and run with `jax.lax.scan`, so compile time stays nearly flat as depth grows.
+* Blocks in a `share` group hold one set of weights, stored once in `shared`.
+* dtype policy: parameters are stored in `param_dtype` and cast to the compute `dtype` at call
+  time; ops that must stay in float32 (SSM kernels, FFTs, softmax) upcast internally; logits are
+  returned in float32.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from bstc import ir
+from bstc.ops import REGISTRY
+from bstc.passes.report import norm_kind, op_args
+
+REMAT_POLICIES = ("none", "full", "dots")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class Sub(eqx.Module):
+    """One sublayer: optional norm + op, with its place in the residual stream."""
+
+    norm: eqx.Module | None
+    op: eqx.Module
+    name: str = eqx.field(static=True)
+    placement: str = eqx.field(static=True)
+    residual: bool = eqx.field(static=True)
+    context_source: str | None = eqx.field(static=True)
+    keep_output: bool = eqx.field(static=True)  # another sublayer reads this one's output
+
+
+class Block(eqx.Module):
+    subs: tuple[Sub, ...]
+
+    def __call__(self, x: Float[Array, "B L D"], *, key=None) -> Float[Array, "B L D"]:
+        outputs: dict[str, Any] = {}
+        keys = jax.random.split(key, len(self.subs)) if key is not None else [None] * len(self.subs)
+        for sub, k in zip(self.subs, keys):
+            h = sub.norm(x) if (sub.norm is not None and sub.placement == "pre") else x
+            ctx = outputs[sub.context_source] if sub.context_source else None
+            y = sub.op(h, context=ctx, key=k)
+            if sub.keep_output:
+                outputs[sub.name] = y
+            if sub.residual:
+                x = x + y.astype(x.dtype)
+                if sub.norm is not None and sub.placement == "post":
+                    x = sub.norm(x)
+        return x
+
+
+class Scanned(eqx.Module):
+    """`count` repetitions of a unit of blocks; every array leaf has a leading axis of size count."""
+
+    unit: tuple[Block, ...]
+    count: int = eqx.field(static=True)
+    remat: str = eqx.field(static=True)
+
+    def __call__(self, x, *, keys=None):
+        params, static = eqx.partition(self.unit, eqx.is_array)
+
+        def body(x, inp):
+            p, ks = inp
+            unit = eqx.combine(p, static)
+            for j, blk in enumerate(unit):
+                x = blk(x, key=None if ks is None else ks[j])
+            return x, None
+
+        body = _remat(body, self.remat)
+        x, _ = jax.lax.scan(body, x, (params, keys))
+        return x
+
+
+class SharedRef(eqx.Module):
+    group: str = eqx.field(static=True)
+
+
+class Single(eqx.Module):
+    block: Block
+    remat: str = eqx.field(static=True)
+
+    def __call__(self, x, *, key=None):
+        if self.remat == "none":
+            return self.block(x, key=key)
+        return _remat(lambda x, k: self.block(x, key=k), self.remat)(x, key)
+
+
+def _remat(f, policy: str):
+    if policy == "none":
+        return f
+    if policy == "full":
+        return jax.checkpoint(f, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy == "dots":
+        return jax.checkpoint(f, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+    raise ValueError(f"unknown remat policy {policy!r}; choose from {', '.join(REMAT_POLICIES)}")
+
+
+class LoweredModel(eqx.Module):
+    """tokens (B, L) int32 → logits (B, L, vocab) float32."""
+
+    embed: eqx.Module
+    stages: tuple
+    shared: dict
+    final_norm: eqx.Module | None
+    head: eqx.Module
+    dtype: str = eqx.field(static=True)
+    positions: tuple = eqx.field(static=True)  # first instance index of each stage (for dropout keys)
+    name: str = eqx.field(static=True)
+
+    def __call__(self, tokens: Int[Array, "B L"], *, key=None) -> Float[Array, "B L V"]:
+        dt = _DTYPES[self.dtype]
+        m = cast_floating(self, dt)
+        x = m.embed(tokens).astype(dt)
+        for stage, pos in zip(m.stages, m.positions):
+            if isinstance(stage, Scanned):
+                keys = None
+                if key is not None:
+                    n = stage.count * len(stage.unit)
+                    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(pos + jnp.arange(n))
+                    keys = keys.reshape(stage.count, len(stage.unit), *keys.shape[1:])
+                x = stage(x, keys=keys)
+            else:
+                k = None if key is None else jax.random.fold_in(key, pos)
+                if isinstance(stage, SharedRef):
+                    x = m.shared[stage.group](x, key=k)
+                else:
+                    x = stage(x, key=k)
+        if m.final_norm is not None:
+            x = m.final_norm(x)
+        logits = m.head(x, embedding=m.embed)
+        return logits.astype(jnp.float32)
+
+
+def cast_floating(tree, dtype):
+    return jax.tree.map(lambda p: p.astype(dtype) if eqx.is_inexact_array(p) and p.dtype != dtype else p, tree)
+
+
+# ---- building --------------------------------------------------------------------------------
+def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
+    consumed = {s.context.source for s in inst.sublayers if s.context}
+    keys = jax.random.split(key, 2 * len(inst.sublayers))
+    subs = []
+    for i, s in enumerate(inst.sublayers):
+        op = REGISTRY[s.kind]
+        ctx = s.context.spec if s.context else None
+        module = op.build(s.kwargs, dims, ctx, key=keys[2 * i])
+        nk = norm_kind(s.norm)
+        norm = REGISTRY[nk].build(op_args(nk), dims, None, key=keys[2 * i + 1]) if nk else None
+        subs.append(Sub(norm, module, s.name, s.placement, s.residual,
+                        s.context.source if s.context else None, s.name in consumed))
+    return Block(tuple(subs))
+
+
+def plan_stages(layers: tuple[ir.BlockInstance, ...], scan: bool = True) -> list[tuple[str, int, int, int]]:
+    """Cover the stack with stages: ('scan', start, unit_len, count) | ('single', i, 1, 1) | ('shared', i, 1, 1).
+
+    At each position take the repeating unit that covers the most blocks (ties: the shortest unit)."""
+    sigs = [inst.signature for inst in layers]
+    n, i, out = len(layers), 0, []
+    while i < n:
+        if layers[i].share is not None:
+            out.append(("shared", i, 1, 1))
+            i += 1
+            continue
+        best = (1, 1)
+        if scan:
+            for p in range(1, (n - i) // 2 + 1):
+                unit = sigs[i:i + p]
+                if any(layers[j].share is not None for j in range(i, i + p)):
+                    break
+                c = 1
+                while i + (c + 1) * p <= n and sigs[i + c * p:i + (c + 1) * p] == unit:
+                    c += 1
+                if c >= 2 and p * c > best[0] * best[1]:
+                    best = (p, c)
+        p, c = best
+        if c >= 2:
+            out.append(("scan", i, p, c))
+            i += p * c
+        else:
+            out.append(("single", i, 1, 1))
+            i += 1
+    return out
+
+
+def lower(m: ir.Model, *, key, scan: bool = True, remat: str = "none") -> LoweredModel:
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+    d = m.dims
+    k_embed, k_head, k_norm, k_layers = jax.random.split(key, 4)
+    # Every block occurrence gets the key fold_in(k_layers, position), scanned or not, so the
+    # scanned and unrolled lowerings of one model file have identical weights.
+    layer_key = lambda i: jax.random.fold_in(k_layers, i)  # noqa: E731
+    embed = REGISTRY["embedding"].build(op_args("embedding"), d, None, key=k_embed)
+    head = REGISTRY["head"].build(op_args("head", {"tied": m.head_tied}), d, None, key=k_head)
+    nk = norm_kind(m.final_norm) if m.final_norm else None
+    final_norm = REGISTRY[nk].build(op_args(nk), d, None, key=k_norm) if nk else None
+
+    stages, positions, shared = [], [], {}
+    for kind, start, p, c in plan_stages(m.layers, scan):
+        positions.append(start)
+        if kind == "scan":
+            unit_insts = m.layers[start:start + p]
+            keys = jnp.stack([jnp.stack([layer_key(start + u * p + j) for j in range(p)]) for u in range(c)])
+
+            def build_unit(ks, unit_insts=unit_insts):
+                return tuple(_build_block(inst, d, ks[j]) for j, inst in enumerate(unit_insts))
+
+            unit = eqx.filter_vmap(build_unit)(keys)
+            stages.append(Scanned(unit, c, remat))
+        elif kind == "shared":
+            inst = m.layers[start]
+            if inst.share not in shared:
+                shared[inst.share] = _build_block(inst, d, layer_key(start))
+            stages.append(SharedRef(inst.share))
+        else:
+            stages.append(Single(_build_block(m.layers[start], d, layer_key(start)), remat))
+    model = LoweredModel(embed, tuple(stages), shared, final_norm, head, d.dtype, tuple(positions), m.name)
+    pdt = _DTYPES[d.param_dtype]
+    return cast_floating(model, pdt)
+
+
+def load(source, *, key, overrides=None, scan: bool = True, remat: str = "none") -> LoweredModel:
+    from bstc.frontend import parse
+
+    return lower(parse(source, overrides=overrides), key=key, scan=scan, remat=remat)
+
+
+def count_params(module) -> int:
+    return sum(x.size for x in jax.tree.leaves(eqx.filter(module, eqx.is_inexact_array)))
