@@ -1,0 +1,102 @@
+"""Checkpoints with orbax: train-state arrays, the grain iterator state, and a JSON record.
+
+Orbax writes each step into a temporary directory and renames it when complete, so a crash
+mid-save never leaves a half-written checkpoint that looks finished. The JSON record holds the
+step, the model fingerprint and every array's path/shape/dtype, so a checkpoint made by a
+different model is refused with a message instead of a shape error deep inside orbax.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from bstc.runtime.errors import CheckpointError
+
+# orbax logs every save at INFO through absl; the progress bar is the user's view of a run.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+def describe(tree) -> list[list]:
+    """[path, shape, dtype] for every array leaf: what a checkpoint must match."""
+    arrays = eqx.filter(tree, eqx.is_array)
+    leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
+    return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
+
+
+class Checkpointer:
+    def __init__(self, directory: Path, keep: int = 3):
+        self.directory = Path(directory).resolve()
+        opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                            create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=opts)
+
+    def steps(self) -> list[int]:
+        return sorted(self.manager.all_steps())
+
+    def latest(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iter, meta: dict[str, Any]) -> None:
+        arrays = jax.tree.leaves(eqx.filter(state, eqx.is_array))
+        meta = dict(meta, step=int(step), leaves=describe(state))
+        items = dict(state=ocp.args.StandardSave(arrays), meta=ocp.args.JsonSave(meta))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+        if step in self.manager.all_steps():  # re-saving the same step (e.g. SIGTERM right after a save)
+            return
+        self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self.manager.wait_until_finished()
+
+    def read_meta(self, step: int) -> dict[str, Any]:
+        try:
+            return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        except Exception as e:  # orbax raises many kinds; the user needs one line
+            raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or "
+                                  f"unreadable: {_first_line(e)}") from None
+
+    def restore(self, step: int, template, data_iter, fingerprint: str | None):
+        """Restore into `template` (a freshly initialised state of the same model)."""
+        where = self.directory / str(step)
+        meta = self.read_meta(step)
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            raise CheckpointError(
+                f"checkpoint {where} was made by a different model (fingerprint "
+                f"{meta.get('fingerprint')}, this model {fingerprint}); use the run's own model "
+                "file and --set values, or start a new run directory")
+        want = describe(template)
+        if meta.get("leaves") != want:
+            saved = meta.get("leaves") or []
+            diff = next((f"{a[0]} {a[1]} vs {b[0]} {b[1]}" for a, b in zip(saved, want) if a != b),
+                        f"{len(saved)} arrays saved, {len(want)} expected")
+            raise CheckpointError(f"checkpoint {where} does not match this model: {diff}")
+        arrays, static = eqx.partition(template, eqx.is_array)
+        leaves, treedef = jax.tree.flatten(arrays)
+        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        items = dict(state=ocp.args.StandardRestore(abstract))
+        if data_iter is not None:
+            items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+        try:
+            out = self.manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(e)}") from None
+        restored = [np.asarray(x) if not isinstance(x, jax.Array) else x for x in out.state]
+        for x, a in zip(restored, abstract):
+            if tuple(x.shape) != tuple(a.shape):
+                raise CheckpointError(f"checkpoint {where} is corrupt: array shape {x.shape} != {a.shape}")
+        state = eqx.combine(jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in restored]), static)
+        return state, meta
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return (s[0] if s else type(e).__name__)[:300]

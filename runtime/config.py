@@ -1,0 +1,137 @@
+"""The run config: a small typed record, read from YAML and/or flags, saved into the run directory.
+
+A run is fully described by the model file (copied into the run directory) plus this config,
+so `bstc eval RUN_DIR` and `bstc train --resume` need nothing else.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bstc.runtime.errors import UsageError
+
+# Overrides applied to zoo models (paper-scale as written) unless --preset none: a BST small
+# enough to train for a few minutes on a laptop CPU.
+TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 32}
+
+TASKS = ("recall", "copy", "induction")
+OPTIMIZERS = ("adamw", "adafactor")
+
+
+@dataclass
+class RunConfig:
+    """Everything about a run that is not in the model file."""
+
+    model: str = "bst_sh_s4"              # a zoo name or a path to a .bst / .yaml file
+    set: dict[str, Any] = field(default_factory=dict)  # model parameter overrides (--set k=v)
+    preset: str = "auto"                  # auto: tiny for zoo models, none for user files; tiny; none
+    data: str | None = None               # None: the embedded stdlib corpus; else file/dir/glob
+    task: str | None = None               # a synthetic task instead of text: recall|copy|induction
+    task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {pairs: 4}
+    seq_len: int | None = None            # None: the model's seq_len
+    steps: int = 300
+    batch: int = 8                        # sequences per optimizer step (all micro-batches)
+    accum: int = 1                        # gradient-accumulation micro-batches per step
+    optimizer: str = "adamw"
+    lr: float = 2e-3
+    warmup: int | None = None             # None: 10% of steps (at most 100)
+    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
+    weight_decay: float = 0.1
+    b1: float = 0.9
+    b2: float = 0.95
+    clip: float = 1.0                     # global-norm gradient clipping; 0 disables it
+    seed: int = 0
+    eval_every: int = 100                 # validation loss every N steps (0: only at the end)
+    eval_batches: int = 4
+    ckpt_every: int = 100                 # checkpoint every N steps (and always at the end)
+    keep: int = 3                         # keep the last N checkpoints
+    log_every: int = 1
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise UsageError(msg)
+
+        need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
+        need(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
+        need(self.accum >= 1, f"accum must be >= 1, got {self.accum}")
+        need(self.batch % self.accum == 0,
+             f"batch ({self.batch}) must be divisible by accum ({self.accum})")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.optimizer in OPTIMIZERS,
+             f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
+        need(self.task is None or self.task in TASKS,
+             f"unknown task '{self.task}' (choose from {', '.join(TASKS)})")
+        need(not (self.task and self.data), "give either --data or --task, not both")
+        need(self.preset in ("auto", "tiny", "none"),
+             f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
+        need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(self.seq_len is None or self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
+
+    @property
+    def warmup_steps(self) -> int:
+        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
+
+    @property
+    def micro_batch(self) -> int:
+        return self.batch // self.accum
+
+    # ---- YAML -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
+        if not isinstance(d, dict):
+            raise UsageError(f"{where}: expected a mapping of run settings")
+        names = [f.name for f in dataclasses.fields(cls)]
+        for k in d:
+            if k not in names:
+                close = difflib.get_close_matches(str(k), names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise UsageError(f"{where}: unknown setting '{k}'{hint}")
+        try:
+            return cls(**d)
+        except TypeError as e:
+            raise UsageError(f"{where}: {e}") from None
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    @classmethod
+    def load(cls, path: Path) -> "RunConfig":
+        path = Path(path)
+        try:
+            d = yaml.safe_load(path.read_text()) or {}
+        except OSError as e:
+            raise UsageError(f"cannot read config {path}: {e.strerror or e}") from None
+        except yaml.YAMLError as e:
+            raise UsageError(f"{path}: invalid YAML: {str(e).splitlines()[0]}") from None
+        return cls.from_dict(d, where=str(path))
+
+    def replace(self, **changes: Any) -> "RunConfig":
+        changes = {k: v for k, v in changes.items() if v is not None}
+        return dataclasses.replace(self, **changes)
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """`--set d_model=128 --set dtype=bfloat16` -> {"d_model": 128, "dtype": "bfloat16"}."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key or not key.replace("_", "").replace(".", "").isalnum():
+            raise UsageError(f"--set expects KEY=VALUE, got '{item}'")
+        try:
+            out[key] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError:
+            out[key] = value
+    return out

@@ -1,0 +1,104 @@
+"""Metrics: one JSON object per line in RUN_DIR/metrics.jsonl, the same scalars in TensorBoard
+(RUN_DIR/tb), and a rich progress bar on the terminal."""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+
+LN2 = math.log(2.0)
+
+
+def bits_per_byte(loss_nats: float) -> float:
+    """Byte-level tokens: one token is one byte, so bits/byte = nats/token / ln 2."""
+    return loss_nats / LN2
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+    return out
+
+
+class MetricsWriter:
+    """Appends to metrics.jsonl; on resume drops the records past the restored step, so the
+    file (and the plot) read as one uninterrupted run."""
+
+    def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.exists():
+            keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+        self._f = open(self.path, "a")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": round(time.time(), 3), **record}
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            split = record.get("split", "train")
+            for k, v in record.items():
+                if k not in ("step", "time", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                    self._tb.add_scalar(f"{split}/{k}", v, record["step"])
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+
+class ProgressBar:
+    """step · loss · bits/byte · tokens/s · MFU · ETA. Off a terminal it prints a line every
+    ~10% of the run instead (CI logs, pipes)."""
+
+    def __init__(self, total: int, start: int, enabled: bool = True, console: Console | None = None):
+        self.console = console or Console(stderr=True)
+        self.enabled = enabled
+        self.live = enabled and self.console.is_terminal
+        self.total, self.start = total, start
+        self._every = max(1, (total - start) // 10)
+        self.progress = Progress(
+            TextColumn("[bold blue]train"), BarColumn(bar_width=30), MofNCompleteColumn(),
+            TextColumn("loss [bold]{task.fields[loss]}[/] · {task.fields[bpb]} bits/byte · "
+                       "{task.fields[tps]} tok/s{task.fields[mfu]}"),
+            TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            console=self.console, disable=not self.live, transient=False)
+        self.task = self.progress.add_task("train", total=total, completed=start,
+                                           loss="-", bpb="-", tps="-", mfu="")
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self.progress.__exit__(*exc)
+
+    def update(self, step: int, loss: float, tps: float, mfu: float | None = None) -> None:
+        fields = dict(loss=f"{loss:.4f}", bpb=f"{bits_per_byte(loss):.3f}", tps=f"{tps:,.0f}",
+                      mfu=f" · MFU {100 * mfu:.1f}%" if mfu is not None else "")
+        self.progress.update(self.task, completed=step, **fields)
+        if self.enabled and not self.live and ((step - self.start) % self._every == 0 or step == self.total):
+            self.console.print(f"step {step}/{self.total}  loss {fields['loss']}  "
+                               f"{fields['bpb']} bits/byte  {fields['tps']} tok/s{fields['mfu']}")
+
+    def print(self, *args, **kw) -> None:
+        if self.enabled:
+            self.console.print(*args, **kw)

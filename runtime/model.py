@@ -1,0 +1,125 @@
+"""What the runtime needs from a model: a factory, a fingerprint, and a few sizes.
+
+The trainer is model-agnostic: it takes a `ModelSpec`. `spec_from_file` builds one from a
+bstc model file (+ overrides); tests may build one around any Equinox module.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import equinox as eqx
+import jax
+
+from bstc.runtime.config import TINY, RunConfig
+from bstc.runtime.errors import UsageError
+
+
+@dataclass
+class ModelSpec:
+    name: str
+    build: Callable[[jax.Array], eqx.Module]   # key -> module: (B, L) int32 -> (B, L, vocab)
+    fingerprint: str                            # differs when the model differs
+    vocab: int
+    seq_len: int | None = None
+    window: int | None = None
+    file: Path | None = None                    # the model file, copied into the run directory
+    overrides: dict[str, Any] = field(default_factory=dict)
+    flops_per_token: float | None = None        # from `bstc explain`, for MFU
+
+
+def zoo_dir() -> Path | None:
+    try:
+        return Path(list(importlib.import_module("bstc.models").__path__)[0])
+    except (ModuleNotFoundError, IndexError):
+        return None
+
+
+def zoo_names() -> list[str]:
+    z = zoo_dir()
+    return sorted(p.stem for p in z.iterdir() if p.suffix in (".bst", ".yaml")) if z else []
+
+
+def resolve_model(name: str) -> Path:
+    """A path to a model file, or the name of a zoo model ('bst_sh_s4')."""
+    p = Path(name).expanduser()
+    if p.is_file():
+        return p
+    z = zoo_dir()
+    if z is not None and "/" not in name:
+        for suffix in ("", ".bst", ".yaml"):
+            q = z / f"{name}{suffix}"
+            if q.is_file():
+                return q
+    if p.exists():
+        raise UsageError(f"model '{name}' is not a file")
+    zoo = ", ".join(zoo_names())
+    raise UsageError(f"model '{name}' not found" + (f" (zoo models: {zoo})" if zoo else ""))
+
+
+def is_zoo(path: Path) -> bool:
+    z = zoo_dir()
+    return z is not None and path.resolve().parent == z.resolve()
+
+
+def _params(model_ir) -> dict[str, Any]:
+    p = getattr(model_ir, "params", {}) or {}
+    try:
+        return {k: getattr(v, "value", v) for k, v in dict(p).items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+def _ir_text(model_ir) -> str:
+    try:
+        from bstc import ir
+
+        return ir.dump(model_ir)
+    except (ImportError, AttributeError):
+        return repr(model_ir)
+
+
+def effective_overrides(path: Path, cfg: RunConfig) -> dict[str, Any]:
+    """The tiny preset (for zoo models, unless --preset none), then the user's --set."""
+    import bstc
+
+    out: dict[str, Any] = {}
+    if cfg.preset == "tiny" or (cfg.preset == "auto" and is_zoo(path)):
+        declared = _params(bstc.parse(str(path)))
+        out.update({k: v for k, v in TINY.items() if k in declared})
+    out.update(cfg.set)
+    return out
+
+
+def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
+    """Parse + check the model file now (errors surface before any training starts)."""
+    import bstc
+
+    model_ir = bstc.parse(str(path), overrides=overrides or None)
+    params = _params(model_ir)
+    fp = hashlib.sha256(_ir_text(model_ir).encode()).hexdigest()[:16]
+    flops = None
+    try:
+        rep = bstc.explain(model_ir, batch=1)
+        flops = float(getattr(rep, "flops_per_token", None) or getattr(rep, "total_flops_per_token"))
+    except Exception:  # the cost report is optional: MFU is then not shown
+        flops = None
+    return ModelSpec(
+        name=getattr(model_ir, "name", path.stem),
+        build=lambda key: bstc.load(str(path), key=key, overrides=overrides or None),
+        fingerprint=fp,
+        vocab=int(params.get("vocab", 256)),
+        seq_len=int(params["seq_len"]) if "seq_len" in params else None,
+        window=int(params["window"]) if "window" in params else None,
+        file=path,
+        overrides=dict(overrides),
+        flops_per_token=flops,
+    )
+
+
+def fingerprint_of(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -1,0 +1,335 @@
+"""The training loop: one jitted step over an `eqx.Module` train state, optax, orbax, grain.
+
+Exact resume: the state (params, optimizer, step, RNG key) and the grain iterator position
+are checkpointed together; the dropout key of step s is fold_in(key, s), so a resumed run
+computes bit-for-bit the losses of an uninterrupted one.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from bstc.runtime import data as D
+from bstc.runtime.checkpoint import Checkpointer
+from bstc.runtime.config import RunConfig
+from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
+from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte
+from bstc.runtime.model import ModelSpec
+
+
+class TrainState(eqx.Module):
+    model: eqx.Module
+    opt_state: Any
+    step: jax.Array      # () int32: optimizer updates applied so far
+    key: jax.Array       # (2,) uint32: the run's base key; step s uses fold_in(key, s)
+
+
+# ---- optimizer -----------------------------------------------------------------------------------
+
+
+def lr_multipliers(model) -> Any:
+    """A pytree like the trainable params: each leaf's learning-rate multiplier, taken from the
+    nearest enclosing module with an `lr_multiplier` field (e.g. an unstructured long-conv
+    kernel), else 1.0."""
+
+    def scaled(x) -> bool:
+        return isinstance(x, eqx.Module) and getattr(x, "lr_multiplier", None) is not None
+
+    def label(x):
+        if scaled(x):
+            m = float(x.lr_multiplier)
+            return jax.tree.map(lambda a: m if eqx.is_inexact_array(a) else None, x)
+        return 1.0 if eqx.is_inexact_array(x) else None
+
+    return jax.tree.map(label, model, is_leaf=scaled)
+
+
+def make_schedule(cfg: RunConfig):
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
+        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW (decay on matrices only) or Adafactor (the paper's)."""
+    sched = make_schedule(cfg)
+    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
+    if cfg.optimizer == "adamw":
+        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+    else:
+        opt = optax.adafactor(sched, weight_decay_rate=cfg.weight_decay or None,
+                              weight_decay_mask=decay_mask)
+    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
+    return optax.chain(*parts, opt)
+
+
+def init_state(spec: ModelSpec, cfg: RunConfig, tx: optax.GradientTransformation) -> TrainState:
+    key = jax.random.PRNGKey(cfg.seed)
+    model = spec.build(jax.random.fold_in(key, 0x5EED))
+    # f32 master params whatever the compute dtype: the model casts to it itself.
+    model = jax.tree.map(lambda x: x.astype(jnp.float32) if eqx.is_inexact_array(x) and
+                         jnp.issubdtype(x.dtype, jnp.floating) else x, model)
+    opt_state = tx.init(eqx.filter(model, eqx.is_inexact_array))
+    return TrainState(model=model, opt_state=opt_state, step=jnp.array(0, jnp.int32), key=key)
+
+
+# ---- loss and steps ------------------------------------------------------------------------------
+
+
+def token_losses(model, batch, key=None):
+    """(B, L) next-token NLL in f32 and (B, L) correctness of the argmax prediction."""
+    logits = model(batch["inputs"], key=key).astype(jnp.float32)  # (B, L, V)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
+    correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
+    return nll, correct
+
+
+def make_train_step(tx, cfg: RunConfig, multipliers, nan_at_step: int | None = None):
+    sched = make_schedule(cfg)
+    scale = multipliers is not None and any(m != 1.0 for m in jax.tree.leaves(multipliers))
+
+    @eqx.filter_jit
+    def train_step(state: TrainState, batch):  # batch leaves: (accum, micro, L)
+        denom = jnp.maximum(batch["mask"].sum(), 1.0)
+        poison = jnp.float32(1.0)
+        if nan_at_step is not None:  # a test hook: poison one step's loss and gradients
+            poison = jnp.where(state.step + 1 == nan_at_step, jnp.float32(jnp.nan), poison)
+
+        def loss_fn(model, mb, key):
+            nll, correct = token_losses(model, mb, key)
+            return (nll * mb["mask"]).sum() / denom * poison, (correct * mb["mask"]).sum()
+
+        def micro(carry, xs):
+            g_acc, l_acc, c_acc = carry
+            mb, key = xs
+            (l, c), g = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model, mb, key)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+
+        params = eqx.filter(state.model, eqx.is_inexact_array)
+        keys = jax.random.split(jax.random.fold_in(state.key, state.step), cfg.accum)
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, correct), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
+                                                 (batch, keys))
+        updates, opt_state = tx.update(grads, state.opt_state, params)
+        if scale:
+            updates = jax.tree.map(lambda u, m: u * m, updates, multipliers)
+        model = eqx.apply_updates(state.model, updates)
+        new = TrainState(model=model, opt_state=opt_state, step=state.step + 1, key=state.key)
+        stats = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=sched(state.step),
+                     accuracy=correct / denom)
+        return new, stats
+
+    return train_step
+
+
+@eqx.filter_jit
+def eval_step(model, batch):
+    """Sums over a batch: NLL, scored tokens, correct tokens; per position NLL and count."""
+    nll, correct = token_losses(model, batch)
+    m = batch["mask"]
+    return dict(nll=(nll * m).sum(), count=m.sum(), correct=(correct * m).sum(),
+                pos_nll=(nll * m).sum(0), pos_count=m.sum(0))
+
+
+def evaluate_batches(model, batches) -> dict[str, float]:
+    tot = dict(nll=0.0, count=0.0, correct=0.0)
+    for b in batches:
+        out = eval_step(model, {k: jnp.asarray(v) for k, v in b.items()})
+        for k in tot:
+            tot[k] += float(out[k])
+    n = max(tot["count"], 1.0)
+    loss = tot["nll"] / n
+    return dict(loss=loss, bpb=bits_per_byte(loss), accuracy=tot["correct"] / n, tokens=int(tot["count"]))
+
+
+# ---- the run -------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)   # step -> train loss, this process
+    val: dict[str, float] | None = None
+
+
+def count_params(model) -> int:
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+
+
+def measure_peak_flops(seconds: float = 0.3) -> float:
+    """A matmul's achieved FLOP/s on this machine: the denominator of MFU."""
+    n = 1024
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t0, reps = time.perf_counter(), 0
+    while time.perf_counter() - t0 < seconds:
+        f(a).block_until_ready()
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class _Signals:
+    """SIGINT/SIGTERM set a flag that the loop checks after each step; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def write_run_files(run_dir: Path, cfg: RunConfig, spec: ModelSpec) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg.save(run_dir / "config.yaml")
+    model_file = None
+    if spec.file is not None:
+        model_file = "model" + (spec.file.suffix or ".bst")
+        if spec.file.resolve() != (run_dir / model_file).resolve():
+            shutil.copyfile(spec.file, run_dir / model_file)
+    info = dict(model=spec.name, model_file=model_file, overrides=spec.overrides,
+                fingerprint=spec.fingerprint, vocab=spec.vocab, seq_len=spec.seq_len,
+                window=spec.window, created=_dt.datetime.now().isoformat(timespec="seconds"))
+    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
+
+
+def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = False,
+          progress: bool = True, nan_at_step: int | None = None, plot: bool = True,
+          tensorboard: bool = True) -> RunResult:
+    """Train `spec` as configured, writing everything into `run_dir`."""
+    run_dir = Path(run_dir)
+    seq_len = cfg.seq_len or spec.seq_len
+    if not seq_len:
+        raise UsageError("the sequence length is unknown: the model has no seq_len; pass --seq-len")
+    ckpt_dir = run_dir / "checkpoints"
+    if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+        raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
+                         "or choose another -o")
+
+    src = dict(data=cfg.data, task=cfg.task, seq_len=seq_len, vocab=spec.vocab, seed=cfg.seed,
+               task_args=cfg.task_args)
+    train_src = D.make_source(split="train", **src)
+    val_src = D.make_source(split="validation", **src)
+    data_iter = D.train_iterator(train_src, cfg.batch, cfg.seed)
+    val_batches = list(D.eval_batches(val_src, cfg.micro_batch, cfg.eval_batches))
+
+    tx = make_optimizer(cfg)
+    state = init_state(spec, cfg, tx)
+    write_run_files(run_dir, cfg, spec)
+    ckpt = Checkpointer(ckpt_dir, keep=cfg.keep)
+    meta = dict(fingerprint=spec.fingerprint, seq_len=seq_len)
+
+    start = 0
+    if resume and ckpt.latest() is not None:
+        state, _ = ckpt.restore(ckpt.latest(), state, data_iter, spec.fingerprint)
+        start = int(state.step)
+    step_fn = make_train_step(tx, cfg, lr_multipliers(state.model), nan_at_step)
+
+    bar = ProgressBar(cfg.steps, start, enabled=progress)
+    nparams = count_params(state.model)
+    what = f"task {cfg.task}" if cfg.task else f"data {cfg.data or 'stdlib (embedded Python sources)'}"
+    bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
+              f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
+              (f" (resuming at step {start})" if start else ""))
+    peak = measure_peak_flops() if spec.flops_per_token and progress else None
+
+    writer = MetricsWriter(run_dir, start_step=start, tensorboard=tensorboard)
+    result = RunResult(run_dir=run_dir, step=start)
+    tokens_per_step = cfg.batch * seq_len
+    tps, t_last = 0.0, None
+
+    def save(step: int) -> None:
+        ckpt.save(step, state, data_iter, meta)
+
+    def run_eval(step: int) -> None:
+        if not val_batches:
+            return
+        r = evaluate_batches(state.model, val_batches)
+        rec = dict(step=step, split="validation", **r)
+        writer.write(rec)
+        result.val = r
+        acc = f" · accuracy {r['accuracy']:.3f}" if cfg.task else ""
+        bar.print(f"step {step}: validation loss {r['loss']:.4f} · {r['bpb']:.3f} bits/byte{acc}")
+
+    try:
+        with _Signals() as sig, bar:
+            for step in range(start + 1, cfg.steps + 1):
+                batch = next(data_iter)
+                batch = {k: jnp.asarray(v).reshape(cfg.accum, cfg.micro_batch, *v.shape[1:])
+                         for k, v in batch.items()}
+                new_state, stats = step_fn(state, batch)
+                loss = float(stats["loss"])
+                if not math.isfinite(loss):
+                    last = ckpt.latest()
+                    where = (f"the last good checkpoint is step {last} in {ckpt_dir}" if last is not None
+                             else "no checkpoint was saved before it")
+                    raise NonFiniteLossError(
+                        f"loss is {loss} at step {step}: stopping; {where}. Lower --lr or raise the "
+                        "warmup, then --resume.")
+                state = new_state
+                now = time.perf_counter()
+                if t_last is not None:
+                    inst = tokens_per_step / max(now - t_last, 1e-9)
+                    tps = inst if tps == 0 else 0.9 * tps + 0.1 * inst
+                t_last = now
+                result.losses[step] = loss
+                result.step = step
+                mfu = 3 * spec.flops_per_token * tps / peak if peak and tps else None
+                if step % cfg.log_every == 0 or step == cfg.steps:
+                    writer.write(dict(step=step, split="train", loss=loss, bpb=bits_per_byte(loss),
+                                      lr=float(stats["lr"]), grad_norm=float(stats["grad_norm"]),
+                                      accuracy=float(stats["accuracy"]), tokens_per_s=round(tps, 1)))
+                bar.update(step, loss, tps, mfu)
+                if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
+                    run_eval(step)
+                if cfg.ckpt_every and step % cfg.ckpt_every == 0:
+                    save(step)
+                if sig.received is not None:
+                    save(step)
+                    name = signal.Signals(sig.received).name
+                    raise Interrupted(f"{name} at step {step}: checkpoint saved; continue with "
+                                      f"`bstc train --resume -o {run_dir}`", sig.received)
+            run_eval(result.step)
+            save(result.step)
+    finally:
+        writer.close()
+        ckpt.close()
+        if plot:
+            try:
+                from bstc.runtime.plot import plot_losses
+
+                plot_losses(run_dir)
+            except Exception:  # noqa: BLE001 - a plot must never hide the run's real outcome
+                pass
+    bar.print(f"done: step {result.step} · checkpoints in {ckpt_dir} · loss curve {run_dir / 'loss.png'}\n"
+              f"next: bstc eval {run_dir}")
+    return result
