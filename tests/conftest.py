@@ -1,0 +1,34 @@
+"""Shared test helpers: tiny overrides for zoo models, so every test runs in seconds on a CPU."""
+from __future__ import annotations
+
+import os
+
+# Tests never need more than the CPU; keep XLA from grabbing every core's worth of threads twice over.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import pytest  # noqa: E402
+
+TINY = dict(d_model=32, heads=2, window=16, seq_len=64, mlp_hidden=64, ssm_state=8, context_states=4,
+            memory=16, state_vectors=16)
+
+
+def tiny_overrides(path, **extra) -> dict:
+    """TINY restricted to the parameters the model file defines (unknown --set names are errors)."""
+    from bstc.frontend import parse_ast
+
+    tree = parse_ast(str(path))[0]
+    names = {a.name for a in tree.assigns}
+    out = {k: v for k, v in TINY.items() if k in names}
+    out.update(extra)
+    return out
+
+
+def zoo_paths():
+    from bstc import zoo
+
+    return zoo.list_models()
+
+
+@pytest.fixture
+def tiny():
+    return tiny_overrides
