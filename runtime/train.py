@@ -224,8 +224,13 @@ def write_run_files(run_dir: Path, cfg: RunConfig, spec: ModelSpec) -> None:
 
 def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = False,
           progress: bool = True, nan_at_step: int | None = None, plot: bool = True,
-          tensorboard: bool = True) -> RunResult:
-    """Train `spec` as configured, writing everything into `run_dir`."""
+          tensorboard: bool = True, stop_after: int | None = None) -> RunResult:
+    """Train `spec` as configured, writing everything into `run_dir`.
+
+    `stop_after` saves a checkpoint and returns after that step as if the run were killed
+    there (the schedule still spans `cfg.steps`); `nan_at_step` poisons one step's loss.
+    Both are hooks for the tests.
+    """
     run_dir = Path(run_dir)
     seq_len = cfg.seq_len or spec.seq_len
     if not seq_len:
@@ -313,6 +318,9 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
                     run_eval(step)
                 if cfg.ckpt_every and step % cfg.ckpt_every == 0:
                     save(step)
+                if stop_after is not None and step >= stop_after:
+                    save(step)
+                    return result
                 if sig.received is not None:
                     save(step)
                     name = signal.Signals(sig.received).name

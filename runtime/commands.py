@@ -1,0 +1,157 @@
+"""`bstc train`, `bstc eval`, `bstc plot`: the runtime's commands (registered by bstc/cli.py).
+
+CLI misuse prints one line `bstc: error: ...` and exits 2; a failed run (NaN, bad checkpoint)
+exits 1; a model-file error prints its diagnostics and exits 1; SIGINT/SIGTERM save a
+checkpoint and exit 128+signal. Never a traceback.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import functools
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from bstc.errors import BstcError
+from bstc.runtime.errors import Interrupted, RunError, UsageError
+
+
+def _errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except BstcError as e:
+            typer.echo(e.render(color=sys.stderr.isatty()), err=True)
+            raise typer.Exit(1) from None
+        except Interrupted as e:
+            typer.echo(f"bstc: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+        except RunError as e:
+            typer.echo(f"bstc: error: {e}", err=True)
+            raise typer.Exit(e.exit_code) from None
+
+    return wrapper
+
+
+def _latest_run(root: Path = Path("runs")) -> Path:
+    runs = [p for p in root.glob("*") if (p / "config.yaml").is_file()] if root.is_dir() else []
+    if not runs:
+        raise UsageError("--resume needs -o RUN_DIR (no runs found under ./runs)")
+    return max(runs, key=lambda p: p.stat().st_mtime)
+
+
+@_errors
+def train(
+    model: Optional[str] = typer.Argument(
+        None, help="Model file (.bst/.yaml) or zoo name. Default: bst_sh_s4 (tiny overrides)."),
+    data: Optional[str] = typer.Option(
+        None, "--data", help="Text to train on: files, directories, globs (comma-separated). "
+        "Default: the embedded corpus (this Python's standard-library sources)."),
+    task: Optional[str] = typer.Option(
+        None, "--task", help="Train on a synthetic long-range task instead: recall, copy, induction."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 300)."),
+    batch: Optional[int] = typer.Option(None, "--batch", help="Sequences per step (default 8)."),
+    accum: Optional[int] = typer.Option(None, "--accum", help="Gradient-accumulation micro-batches per step."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Peak learning rate (default 2e-3)."),
+    optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw (default) or adafactor."),
+    warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default 10% of steps)."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: the model's seq_len)."),
+    set_: Optional[List[str]] = typer.Option(
+        None, "--set", help="Override a model parameter, e.g. --set d_model=256 (repeatable)."),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="auto (tiny overrides for zoo models), tiny, or none (the file as written)."),
+    output: Optional[Path] = typer.Option(
+        None, "-o", "--output", help="Run directory (default runs/MODEL-TIMESTAMP)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its latest checkpoint."),
+    config: Optional[Path] = typer.Option(None, "--config", help="A run config YAML; flags override it."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps (default 100)."),
+    ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (default 100)."),
+    keep: Optional[int] = typer.Option(None, "--keep", help="Keep the last N checkpoints (default 3)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, shuffling and dropout (default 0)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Train a model; writes checkpoints, metrics.jsonl, TensorBoard logs and loss.png to the run directory."""
+    from bstc.runtime.config import RunConfig, parse_sets
+    from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
+
+    sets = parse_sets(set_)
+    flags = dict(model=model, data=data, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
+                 optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
+                 eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed)
+    if resume:
+        run_dir = output or _latest_run()
+        if not (run_dir / "config.yaml").is_file():
+            raise UsageError(f"--resume: '{run_dir}' is not a run directory (no config.yaml)")
+        cfg = RunConfig.load(run_dir / "config.yaml")
+        if config is not None:
+            raise UsageError("--resume uses the run's own config.yaml; drop --config")
+        model_path = run_dir / next(p.name for p in run_dir.glob("model.*"))
+    else:
+        cfg = RunConfig.load(config) if config is not None else RunConfig()
+        model_path = None
+    cfg = cfg.replace(**flags)
+    if sets:
+        cfg = cfg.replace(set={**cfg.set, **sets})
+    cfg.validate()
+    if cfg.data:  # a bad --data is reported before the model is even parsed
+        from bstc.runtime.data import user_files
+
+        user_files(cfg.data)
+    if model_path is None:
+        model_path = resolve_model(cfg.model)
+        run_dir = output or Path("runs") / f"{model_path.stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
+        overrides = effective_overrides(model_path, cfg)
+    else:
+        import json
+
+        overrides = {**json.loads((run_dir / "run.json").read_text()).get("overrides", {}), **sets}
+    spec = spec_from_file(model_path, overrides)
+    from bstc.runtime.train import train as run
+
+    run(cfg, run_dir, spec, resume=resume, progress=not quiet)
+
+
+def _lengths(text: Optional[str]) -> list[int] | None:
+    if not text:
+        return None
+    try:
+        out = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise UsageError(f"--lengths expects comma-separated integers, got '{text}'") from None
+    if not out or any(n < 2 for n in out):
+        raise UsageError(f"--lengths expects integers >= 2, got '{text}'")
+    return out
+
+
+@_errors
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="A run directory written by `bstc train`."),
+    lengths: Optional[str] = typer.Option(
+        None, "--lengths", help="Sequence lengths, e.g. 512,1024,2048,4096 (default: 1, 2, 4, 8 × the training length)."),
+    split: str = typer.Option("validation", "--split", help="validation or test."),
+    max_tokens: int = typer.Option(2**17, "--max-tokens", help="Tokens evaluated per length (the same prefix of the split)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
+):
+    """Loss, perplexity and bits per byte at several lengths, plus a per-position loss curve (PNG + JSON)."""
+    from bstc.runtime.evaluate import evaluate
+
+    evaluate(run_dir, split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
+
+
+@_errors
+def plot(run_dir: Path = typer.Argument(..., help="A run directory written by `bstc train`.")):
+    """Write RUN_DIR/loss.png: train and validation loss against step."""
+    from bstc.runtime.plot import plot_losses
+
+    if not run_dir.is_dir():
+        raise UsageError(f"'{run_dir}' is not a directory")
+    typer.echo(f"wrote {plot_losses(run_dir)}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)
+    app.command("eval")(eval_cmd)
+    app.command("plot")(plot)
