@@ -3,7 +3,8 @@
     from bstc.runtime import RunConfig, train, evaluate
     train(RunConfig(steps=100), "runs/demo", spec)      # spec: a ModelSpec (see runtime.model)
 
-The CLI (`bstc train`, `bstc eval`, `bstc plot`) lives in runtime/commands.py.
+Modules: config, data (grain), trainer, checkpoint (orbax), metrics, plot, evaluator, and
+commands (the CLI: `bstc train`, `bstc eval`, `bstc plot`).
 """
 from __future__ import annotations
 
@@ -17,12 +18,12 @@ __all__ = ["RunConfig", "ModelSpec", "train", "evaluate", "RunError", "UsageErro
 
 
 def train(*args, **kwargs):
-    from bstc.runtime.train import train as _train
+    from bstc.runtime.trainer import train as _train
 
     return _train(*args, **kwargs)
 
 
 def evaluate(*args, **kwargs):
-    from bstc.runtime.evaluate import evaluate as _evaluate
+    from bstc.runtime.evaluator import evaluate as _evaluate
 
     return _evaluate(*args, **kwargs)

@@ -37,10 +37,14 @@ def _errors(fn):
 
 
 def _latest_run(root: Path = Path("runs")) -> Path:
+    """The most recent run directory under ./runs (for `bstc eval` / `--resume` without a path)."""
     runs = [p for p in root.glob("*") if (p / "config.yaml").is_file()] if root.is_dir() else []
     if not runs:
-        raise UsageError("--resume needs -o RUN_DIR (no runs found under ./runs)")
-    return max(runs, key=lambda p: p.stat().st_mtime)
+        raise UsageError("no run directory given and none found under ./runs")
+    def touched(p: Path) -> float:
+        return max(f.stat().st_mtime for f in (p / "config.yaml", p / "metrics.jsonl") if f.exists())
+
+    return max(runs, key=touched)
 
 
 @_errors
@@ -109,7 +113,7 @@ def train(
 
         overrides = {**json.loads((run_dir / "run.json").read_text()).get("overrides", {}), **sets}
     spec = spec_from_file(model_path, overrides)
-    from bstc.runtime.train import train as run
+    from bstc.runtime.trainer import train as run
 
     run(cfg, run_dir, spec, resume=resume, progress=not quiet)
 
@@ -128,7 +132,8 @@ def _lengths(text: Optional[str]) -> list[int] | None:
 
 @_errors
 def eval_cmd(
-    run_dir: Path = typer.Argument(..., help="A run directory written by `bstc train`."),
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory written by `bstc train` (default: the latest under ./runs)."),
     lengths: Optional[str] = typer.Option(
         None, "--lengths", help="Sequence lengths, e.g. 512,1024,2048,4096 (default: 1, 2, 4, 8 × the training length)."),
     split: str = typer.Option("validation", "--split", help="validation or test."),
@@ -136,16 +141,18 @@ def eval_cmd(
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
 ):
     """Loss, perplexity and bits per byte at several lengths, plus a per-position loss curve (PNG + JSON)."""
-    from bstc.runtime.evaluate import evaluate
+    from bstc.runtime.evaluator import evaluate
 
-    evaluate(run_dir, split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
+    evaluate(run_dir or _latest_run(), split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
 
 
 @_errors
-def plot(run_dir: Path = typer.Argument(..., help="A run directory written by `bstc train`.")):
+def plot(run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory written by `bstc train` (default: the latest under ./runs).")):
     """Write RUN_DIR/loss.png: train and validation loss against step."""
     from bstc.runtime.plot import plot_losses
 
+    run_dir = run_dir or _latest_run()
     if not run_dir.is_dir():
         raise UsageError(f"'{run_dir}' is not a directory")
     typer.echo(f"wrote {plot_losses(run_dir)}")

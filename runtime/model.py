@@ -85,14 +85,23 @@ def _ir_text(model_ir) -> str:
 
 def effective_overrides(path: Path, cfg: RunConfig) -> dict[str, Any]:
     """The tiny preset (for zoo models, unless --preset none), then the user's --set."""
-    import bstc
-
     out: dict[str, Any] = {}
     if cfg.preset == "tiny" or (cfg.preset == "auto" and is_zoo(path)):
-        declared = _params(bstc.parse(str(path)))
-        out.update({k: v for k, v in TINY.items() if k in declared})
+        out.update({k: v for k, v in TINY.items() if k in declared_params(path)})
     out.update(cfg.set)
     return out
+
+
+def declared_params(path: Path) -> set[str]:
+    """The top-level parameter names a model file defines (syntax only, no checking)."""
+    try:
+        from bstc.frontend import parse_ast
+
+        return {a.name for a in parse_ast(str(path))[0].assigns}
+    except (ImportError, AttributeError, IndexError, TypeError):
+        import bstc
+
+        return set(_params(bstc.parse(str(path))))
 
 
 def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
