@@ -112,10 +112,50 @@ class Op:
         itemsize = 2 if dims.dtype == "bfloat16" else 4
         return 4 * dims.d_model * itemsize
 
+    # ---- sharding -------------------------------------------------------------------
+    def logical_axes(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, module):
+        """Logical axis names of the built module's parameters, for `bstc.shard`.
+
+        Returns a pytree shaped like `module` whose array leaves are tuples with one entry per
+        array dimension: a logical axis name (batch, seq, embed, mlp, heads, kv, ssm_state,
+        vocab, filters) or None (never sharded). `module` may hold jax.ShapeDtypeStruct leaves.
+        Default: inferred from the sizes (d_model → embed, vocab → vocab, `hidden` → mlp,
+        heads → heads, d_model/heads → kv, `state` or state/2 → ssm_state, `filters` → filters);
+        override it where the sizes are ambiguous, e.g. a (D, D) projection that is really
+        (embed, heads·kv)."""
+        import jax
+
+        return jax.tree.map(lambda a: infer_logical_axes(getattr(a, "shape", None), args, dims)
+                            if _is_arraylike(a) else None, module)
+
     # ---- lowering -------------------------------------------------------------------
     def build(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, *, key):
         """Return an eqx.Module: module(x, *, context=None, key=None) -> output of out_shape."""
         raise NotImplementedError
+
+
+def _is_arraylike(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def infer_logical_axes(shape, args: Mapping[str, Any], dims: Dims) -> tuple:
+    """One logical name (or None) per dimension, by matching sizes; a name is used once per array."""
+    table: list[tuple[int, str]] = [(dims.d_model, "embed"), (dims.vocab, "vocab")]
+    hidden = args.get("hidden") if hasattr(args, "get") else None
+    if isinstance(hidden, int) and not isinstance(hidden, bool):
+        table.append((hidden, "mlp"))
+    table += [(dims.heads, "heads"), (dims.d_model // max(dims.heads, 1), "kv")]
+    state = args.get("state") if hasattr(args, "get") else None
+    if isinstance(state, int) and not isinstance(state, bool):
+        table += [(state, "ssm_state"), (state // 2, "ssm_state")]
+    f = args.get("filters") if hasattr(args, "get") else None
+    if isinstance(f, int) and not isinstance(f, bool) and f > 1:
+        table.append((f, "filters"))
+    out: list = []
+    for n in tuple(shape or ()):
+        name = next((nm for size, nm in table if size == n and size > 1 and nm not in out), None)
+        out.append(name)
+    return tuple(out)
 
 
 REGISTRY: dict[str, Op] = {}
