@@ -22,6 +22,7 @@ from jaxtyping import Array, Float, Int
 from bstc import ir
 from bstc.ops import REGISTRY
 from bstc.passes.report import norm_kind, op_args
+from bstc.shard import ACTIVATION, constrain  # identity unless a sharded step is being traced
 
 REMAT_POLICIES = ("none", "full", "dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -55,7 +56,7 @@ class Block(eqx.Module):
                 x = x + y.astype(x.dtype)
                 if sub.norm is not None and sub.placement == "post":
                     x = sub.norm(x)
-        return x
+        return constrain(x, ACTIVATION)  # block boundary: (batch, seq, embed) per the mesh rules
 
 
 class Scanned(eqx.Module):
@@ -119,7 +120,7 @@ class LoweredModel(eqx.Module):
     def __call__(self, tokens: Int[Array, "B L"], *, key=None) -> Float[Array, "B L V"]:
         dt = _DTYPES[self.dtype]
         m = cast_floating(self, dt)
-        x = m.embed(tokens).astype(dt)
+        x = constrain(m.embed(tokens).astype(dt), ACTIVATION)
         for stage, pos in zip(m.stages, m.positions):
             if isinstance(stage, Scanned):
                 keys = None

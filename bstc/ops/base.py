@@ -140,17 +140,20 @@ def _is_arraylike(x) -> bool:
 
 def infer_logical_axes(shape, args: Mapping[str, Any], dims: Dims) -> tuple:
     """One logical name (or None) per dimension, by matching sizes; a name is used once per array."""
-    table: list[tuple[int, str]] = [(dims.d_model, "embed"), (dims.vocab, "vocab")]
-    hidden = args.get("hidden") if hasattr(args, "get") else None
-    if isinstance(hidden, int) and not isinstance(hidden, bool):
-        table.append((hidden, "mlp"))
-    table += [(dims.heads, "heads"), (dims.d_model // max(dims.heads, 1), "kv")]
-    state = args.get("state") if hasattr(args, "get") else None
-    if isinstance(state, int) and not isinstance(state, bool):
-        table += [(state, "ssm_state"), (state // 2, "ssm_state")]
-    f = args.get("filters") if hasattr(args, "get") else None
-    if isinstance(f, int) and not isinstance(f, bool) and f > 1:
-        table.append((f, "filters"))
+    def arg(name):
+        v = args.get(name) if hasattr(args, "get") else None
+        return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+    # The op's own sizes first (an MLP's hidden width may equal the vocabulary), then the model's.
+    table: list[tuple[int, str]] = []
+    if arg("hidden"):
+        table.append((arg("hidden"), "mlp"))
+    if arg("state"):
+        table += [(arg("state"), "ssm_state"), (arg("state") // 2, "ssm_state")]
+    if arg("filters") and arg("filters") > 1:
+        table.append((arg("filters"), "filters"))
+    table += [(dims.d_model, "embed"), (dims.heads, "heads"), (dims.d_model // max(dims.heads, 1), "kv"),
+              (dims.vocab, "vocab")]
     out: list = []
     for n in tuple(shape or ()):
         name = next((nm for size, nm in table if size == n and size > 1 and nm not in out), None)

@@ -1,0 +1,506 @@
+"""Logical axis names → mesh axes: partition specs, the lint, NamedShardings, sharded steps.
+
+Every parameter carries logical axis names (one per dimension) given by its op
+(`Op.logical_axes`; a scanned stack of layers gets a leading "layers" axis), and the main
+activations carry ("batch", "seq", "embed"). The rules of the model's `mesh` section (or the
+defaults, see bstc.passes.mesh.DEFAULT_RULES) map each logical name to mesh axes. Within one
+array a mesh axis is used once: by the first dimension (in array order) whose rule names it,
+so the default `batch -> (data, fsdp)` and `embed -> fsdp` shard the residual stream over
+batch only while parameters are sharded over fsdp on their width.
+
+Everything up to `ShardPlan` is computed from shapes alone (`jax.eval_shape`), so
+`bstc explain --mesh tensor=64` works on a laptop; problems are BstcErrors located at the rule
+(or the `--mesh` option) that causes them. The rest places arrays with `NamedSharding` and jits
+the train step with in/out shardings so that XLA inserts the collectives; multi-host runs use
+`jax.distributed` (see `initialize_distributed`).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import equinox as eqx
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from bstc import ir
+from bstc.errors import BstcError, Collector, Span
+from bstc.passes.mesh import DEFAULT_MESH_AXES, DEFAULT_RULES, LOGICAL_AXES, ResolvedMesh, resolve_mesh
+
+ACTIVATION = ("batch", "seq", "embed")  # the residual stream between blocks: (B, L, D)
+
+__all__ = [
+    "ACTIVATION", "DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh", "ShardPlan",
+    "ParamRow", "resolve_mesh", "plan", "spec_for", "logical_axes", "make_mesh", "param_shardings",
+    "tree_shardings", "shard_tree", "batch_sharding", "global_batch", "constrain", "activate",
+    "sharded_step", "initialize_distributed", "process_slice",
+]
+
+
+# ---- logical names → PartitionSpec -----------------------------------------------------------
+
+
+def spec_for(names: Iterable[str | None], rules: Mapping[str, tuple[str, ...]],
+             sizes: Mapping[str, int] | None = None) -> P:
+    """PartitionSpec of an array whose dimensions carry `names`. A mesh axis is used at most
+    once (by the first dimension that claims it); axes of size 1 are left out."""
+    used: set[str] = set()
+    out: list = []
+    for n in names:
+        axes = []
+        for a in rules.get(n, ()) if n is not None else ():
+            if a in used or (sizes is not None and sizes.get(a, 1) == 1):
+                continue
+            used.add(a)
+            axes.append(a)
+        out.append(None if not axes else axes[0] if len(axes) == 1 else tuple(axes))
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def _shards(spec: P, sizes: Mapping[str, int]) -> list[int]:
+    """Number of shards along each dimension of `spec`."""
+    out = []
+    for e in spec:
+        if e is None:
+            out.append(1)
+        elif isinstance(e, str):
+            out.append(sizes.get(e, 1))
+        else:
+            out.append(math.prod(sizes.get(a, 1) for a in e))
+    return out
+
+
+# ---- the model's logical axes ----------------------------------------------------------------
+
+
+def _is_names(x) -> bool:
+    return isinstance(x, tuple) and all(e is None or isinstance(e, str) for e in x)
+
+
+def _arraylike(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _unstacked(module):
+    """The per-layer view of a scanned (stacked) module: shapes without the leading axis."""
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype) if _arraylike(a) else a, module)
+
+
+def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tuple]:
+    """keystr (inside `module`) → logical names, from the op (with 'layers' prepended if stacked)."""
+    from bstc.ops.base import infer_logical_axes
+
+    view = _unstacked(module) if stacked else module
+    try:
+        axes = op.logical_axes(args, dims, ctx, view)
+    except Exception:  # noqa: BLE001 - an op's own rule failing must not stop a run: infer instead
+        axes = None
+    out: dict[str, tuple] = {}
+    arrays = jax.tree_util.tree_flatten_with_path(view, is_leaf=lambda x: _arraylike(x))[0]
+    given = {}
+    if axes is not None:
+        given = {jax.tree_util.keystr(p): v for p, v in
+                 jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0]}
+    for p, a in arrays:
+        if not _arraylike(a):
+            continue
+        k = jax.tree_util.keystr(p)
+        names = given.get(k)
+        if names is None or len(names) != len(a.shape) or any(n is not None and n not in LOGICAL_AXES for n in names):
+            names = infer_logical_axes(a.shape, args, dims)
+        out[k] = (("layers",) if stacked else ()) + tuple(names)
+    return out
+
+
+@dataclass
+class _Named:
+    """What the walk records for one array: its display name and logical axes."""
+
+    name: str
+    logical: tuple
+
+
+def _walk(m: ir.Model, model) -> dict[str, _Named]:
+    """keystr in the LoweredModel → (display name, logical names) for every array leaf."""
+    from bstc.lower import Scanned, SharedRef, Single
+    from bstc.ops import REGISTRY
+    from bstc.passes.report import norm_kind, op_args
+
+    d = m.dims
+    table: dict[str, _Named] = {}
+
+    def add(prefix: str, display: str, kind: str, args, ctx, module, stacked=False):
+        if module is None:
+            return
+        for k, names in _component_axes(REGISTRY[kind], args, d, ctx, module, stacked).items():
+            table[prefix + k] = _Named(display + k, names)
+
+    def add_block(prefix: str, display: str, inst: ir.BlockInstance, block, stacked: bool):
+        for k, (s, sub) in enumerate(zip(inst.sublayers, block.subs)):
+            ctx = s.context.spec if s.context else None
+            add(f"{prefix}.subs[{k}].op", f"{display}.{s.name}", s.kind, s.kwargs, ctx, sub.op, stacked)
+            nk = norm_kind(s.norm)
+            if nk and sub.norm is not None:
+                add(f"{prefix}.subs[{k}].norm", f"{display}.{s.name}.norm", nk, op_args(nk), None, sub.norm, stacked)
+
+    add(".embed", "embed", "embedding", op_args("embedding"), None, model.embed)
+    for i, (stage, pos) in enumerate(zip(model.stages, model.positions)):
+        if isinstance(stage, Scanned):
+            step = len(stage.unit)
+            for j, blk in enumerate(stage.unit):
+                inst = m.layers[pos + j]
+                idx = [m.layers[pos + j + u * step].index for u in range(stage.count)]
+                contiguous = idx == list(range(idx[0], idx[0] + len(idx)))
+                display = f"{inst.block}." + (f"{idx[0]}-{idx[-1]}" if contiguous else "{" + ",".join(map(str, idx)) + "}")
+                add_block(f".stages[{i}].unit[{j}]", display, inst, blk, True)
+        elif isinstance(stage, Single):
+            add_block(f".stages[{i}].block", m.layers[pos].name, m.layers[pos], stage.block, False)
+        elif isinstance(stage, SharedRef):
+            pass  # its weights live in `shared`
+    for group, blk in model.shared.items():
+        inst = next(x for x in m.layers if x.share == group)
+        add_block(f".shared[{group!r}]", f"shared[{group}]", inst, blk, False)
+    if model.final_norm is not None and m.final_norm:
+        nk = norm_kind(m.final_norm)
+        add(".final_norm", "norm", nk, op_args(nk), None, model.final_norm)
+    add(".head", "head", "head", op_args("head", {"tied": m.head_tied}), None, model.head)
+    return table
+
+
+def logical_axes(m: ir.Model, model) -> Any:
+    """A pytree like eqx.filter(model, eqx.is_array) (arrays or ShapeDtypeStructs) whose leaves
+    are tuples of logical axis names."""
+    table = _walk(m, model)
+    arrays = eqx.filter(model, _arraylike)
+
+    def names(path, a):
+        k = jax.tree_util.keystr(path)
+        return table[k].logical if k in table else (None,) * len(a.shape)
+
+    return jax.tree_util.tree_map_with_path(names, arrays, is_leaf=_arraylike)
+
+
+# ---- the plan ----------------------------------------------------------------------------------
+
+
+@dataclass
+class ParamRow:
+    name: str
+    shape: tuple
+    dtype: str
+    logical: tuple
+    spec: P
+    bytes: int
+    bytes_per_device: float
+
+
+@dataclass
+class ShardPlan:
+    """Everything about how a model is laid out on a mesh, computed from shapes only."""
+
+    model: ir.Model
+    mesh: ResolvedMesh
+    abstract: Any            # the LoweredModel with ShapeDtypeStruct leaves
+    logical: Any             # pytree of logical-name tuples (prefix: arrays of `abstract`)
+    specs: Any               # pytree of PartitionSpecs (same structure)
+    rows: list[ParamRow]
+    batch: int | None = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def rules(self) -> dict[str, tuple[str, ...]]:
+        return self.mesh.rule_map
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        return self.mesh.shape
+
+    def spec(self, names: Iterable[str | None]) -> P:
+        return spec_for(names, self.rules, self.sizes)
+
+    @property
+    def param_bytes(self) -> int:
+        return sum(r.bytes for r in self.rows)
+
+    @property
+    def param_bytes_per_device(self) -> float:
+        return sum(r.bytes_per_device for r in self.rows)
+
+    def memory(self, batch: int | None = None, optimizer_moments: int = 2) -> dict[str, float]:
+        """Per-device bytes: parameters, gradients, optimizer moments (f32, sharded like the
+        parameters), and activations kept for backward at `batch` (sharded over the batch and
+        seq axes), from bstc explain's estimate."""
+        from bstc.passes.report import build_report
+
+        batch = batch or self.batch or 8
+        f32_pd = sum(r.bytes_per_device * 4 / max(np.dtype(r.dtype).itemsize, 1) for r in self.rows)
+        rep = build_report(self.model, batch=batch)
+        act_shards = math.prod(_shards(self.spec(("batch", "seq")), self.sizes)) or 1
+        out = dict(params=self.param_bytes_per_device, grads=self.param_bytes_per_device,
+                   optimizer=optimizer_moments * f32_pd, activations=rep.activation_bytes / act_shards)
+        out["total"] = sum(out.values())
+        return out
+
+
+def _display_dtype(a) -> str:
+    return str(np.dtype(a.dtype))
+
+
+def plan(m: ir.Model, mesh: str | Mapping[str, int] | None = None, *, n_devices: int | None = None,
+         batch: int | None = None, abstract=None, scan: bool = True) -> ShardPlan:
+    """Resolve the mesh and rules for `m`, give every parameter its PartitionSpec, and check
+    that each mesh axis divides every dimension it shards (and the batch, and the heads).
+    Raises BstcError with the rule's (or --mesh's) location. Touches no device."""
+    from bstc.lower import lower
+
+    rm = resolve_mesh(m, mesh, n_devices)
+    if abstract is None:
+        abstract = jax.eval_shape(lambda: lower(m, key=jax.random.key(0), scan=scan))
+    table = _walk(m, abstract)
+    logical = logical_axes(m, abstract)
+    rules, sizes = rm.rule_map, rm.shape
+    specs = jax.tree.map(lambda names: spec_for(names, rules, sizes), logical, is_leaf=_is_names)
+
+    errors = Collector(dict(rm.sources))
+    bad: dict[str, list] = {}  # logical -> [(display, shape, dim size, shards)]
+
+    def note(logical_name, what, shape, n, k):
+        bad.setdefault(logical_name, []).append((what, shape, n, k))
+
+    rows: list[ParamRow] = []
+    flat_a = jax.tree_util.tree_flatten_with_path(eqx.filter(abstract, _arraylike), is_leaf=_arraylike)[0]
+    flat_l = jax.tree.leaves(logical, is_leaf=_is_names)
+    flat_s = jax.tree.leaves(specs)
+    for (path, a), names, spec in zip(flat_a, flat_l, flat_s):
+        k = jax.tree_util.keystr(path)
+        display = table[k].name if k in table else k.lstrip(".")
+        shards = _shards(spec, sizes) + [1] * (len(a.shape) - len(spec))
+        for dim, (n, s, nm) in enumerate(zip(a.shape, shards, names)):
+            if s > 1 and n % s:
+                note(nm, display, tuple(a.shape), n, s)
+        nbytes = int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize
+        rows.append(ParamRow(display, tuple(a.shape), _display_dtype(a), tuple(names), spec, nbytes,
+                             nbytes / math.prod(shards)))
+    # Semantic sizes: a head must not be split, and the batch must split evenly.
+    d = m.dims
+    for lname, n in (("heads", d.heads), ("batch", batch)):
+        if n is None:
+            continue
+        k = math.prod(_shards(spec_for((lname,), rules, sizes), sizes))
+        if k > 1 and n % k:
+            what = "the model's heads" if lname == "heads" else "the batch"
+            bad.setdefault(lname, []).insert(0, (what, None, n, k))
+    for lname, items in bad.items():
+        what, shape, n, k = items[0]
+        axes = [a for a in rules.get(lname, ()) if sizes.get(a, 1) > 1]
+        over = " × ".join(f"{a}={sizes[a]}" for a in axes)
+        where = f"{what} {ir.fmt_shape(shape)}" if shape is not None else what
+        msg = (f"rule '{lname} -> {_target(rules.get(lname, ()))}' splits '{lname}' of size {n} ({where}) "
+               f"into {k} shards ({over}), which does not divide it")
+        others = len({it[0] for it in items[1:]} - {what})
+        hint = (f"choose mesh sizes that divide {math.gcd(*[it[2] for it in items])}, or replicate it with "
+                f"`{lname} -> ()`" + (f"; {others} more parameter{'s' if others != 1 else ''} affected" if others else ""))
+        errors.error(rm.rule_span(lname), msg, hint)
+    errors.raise_if_any()
+    return ShardPlan(m, rm, abstract, logical, specs, rows, batch)
+
+
+def _target(t: tuple[str, ...]) -> str:
+    return t[0] if len(t) == 1 else "(" + ", ".join(t) + ")"
+
+
+# ---- devices ------------------------------------------------------------------------------------
+
+
+def make_mesh(rm: ResolvedMesh | ShardPlan, devices=None) -> Mesh:
+    """A jax Mesh for the resolved axes over the first `size` devices (all processes' devices)."""
+    if isinstance(rm, ShardPlan):
+        rm = rm.mesh
+    devs = list(devices if devices is not None else jax.devices())
+    n = rm.size
+    if n > len(devs):
+        span = rm.span
+        raise BstcError([__import__("bstc.errors", fromlist=["Diagnostic"]).Diagnostic(
+            span, f"the mesh needs {n} devices but only {len(devs)} are present")], rm.sources)
+    shape = tuple(s for _, s in rm.axes)
+    names = tuple(a for a, _ in rm.axes)
+    try:
+        from jax.experimental import mesh_utils
+
+        arr = mesh_utils.create_device_mesh(shape, devs[:n], allow_split_physical_axes=True)
+    except Exception:  # noqa: BLE001 - odd topologies: fall back to process-major order
+        arr = np.array(devs[:n], dtype=object).reshape(shape)
+    return Mesh(arr, names)
+
+
+def param_shardings(p: ShardPlan, mesh: Mesh) -> Any:
+    """NamedShardings for the model's arrays (a pytree with the structure of eqx.filter(model, is_array))."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), p.specs)
+
+
+def tree_shardings(tree, p: ShardPlan, mesh: Mesh) -> Any:
+    """NamedShardings for any pytree that holds the model's arrays somewhere inside (a train
+    state, optimizer moments, gradients): a leaf whose key path ends with a parameter's path and
+    has its shape is sharded like it; everything else (step counters, keys, factored moments)
+    is replicated."""
+    by_path: dict[str, tuple] = {}
+    flat_a = jax.tree_util.tree_flatten_with_path(eqx.filter(p.abstract, _arraylike), is_leaf=_arraylike)[0]
+    for (path, a), spec in zip(flat_a, jax.tree.leaves(p.specs)):
+        by_path[jax.tree_util.keystr(path)] = (tuple(a.shape), spec)
+    repl = NamedSharding(mesh, P())
+
+    def one(path, x):
+        if not _arraylike(x):
+            return None
+        keys = [jax.tree_util.keystr((k,)) for k in path]
+        for i in range(len(keys)):
+            hit = by_path.get("".join(keys[i:]))
+            if hit is not None and hit[0] == tuple(x.shape):
+                return NamedSharding(mesh, hit[1])
+        return repl
+
+    return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_arraylike)
+
+
+def shard_tree(tree, shardings):
+    """device_put every array leaf of `tree` with its sharding (None leaves of `shardings` skip)."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    sh = eqx.filter(shardings, lambda s: isinstance(s, jax.sharding.Sharding), is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    placed = jax.tree.map(lambda x, s: jax.device_put(x, s) if s is not None else x, arrays, sh,
+                          is_leaf=lambda x: x is None)
+    return eqx.combine(placed, static)
+
+
+def batch_sharding(p: ShardPlan | ResolvedMesh, mesh: Mesh, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+    """Batches (…, B, L, …): the batch dimension over the batch rule's mesh axes, the sequence
+    dimension (the one after it) over the seq rule's."""
+    rm = p.mesh if isinstance(p, ShardPlan) else p
+    names = [None] * ndim
+    names[batch_dim] = "batch"
+    if batch_dim + 1 < ndim:
+        names[batch_dim + 1] = "seq"
+    return NamedSharding(mesh, spec_for(names, rm.rule_map, rm.shape))
+
+
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, batch_dim: int = 0) -> dict:
+    """Assemble the global batch from each process's own rows (jax.make_array_from_process_local_data).
+    With one process this is a device_put."""
+    out = {}
+    for k, v in local.items():
+        v = np.asarray(v)
+        shape = list(v.shape)
+        shape[batch_dim] *= jax.process_count()
+        out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
+    return out
+
+
+def process_slice(global_batch_size: int) -> tuple[int, int]:
+    """(start, size) of this process's rows of a global batch: each process reads its own shard."""
+    n, i = jax.process_count(), jax.process_index()
+    if global_batch_size % n:
+        raise ValueError(f"batch {global_batch_size} is not divisible by the {n} processes")
+    per = global_batch_size // n
+    return i * per, per
+
+
+# ---- activations -------------------------------------------------------------------------------
+
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("bstc_shard_active", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | ShardPlan | ResolvedMesh):
+    """While tracing inside this context, `constrain` pins activations to the mesh."""
+    if isinstance(rules, ShardPlan):
+        rules = rules.rules
+    elif isinstance(rules, ResolvedMesh):
+        rules = rules.rule_map
+    tok = _ACTIVE.set((mesh, dict(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(tok)
+
+
+def constrain(x, names: tuple):
+    """with_sharding_constraint(x, rules(names)) when a mesh is active (see `activate`), else x.
+    Safe anywhere in a model: outside a sharded trace it is the identity."""
+    active = _ACTIVE.get()
+    if active is None or not hasattr(x, "ndim") or x.ndim != len(names):
+        return x
+    mesh, rules = active
+    spec = spec_for(names, rules, dict(mesh.shape))
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+# ---- the sharded step ----------------------------------------------------------------------------
+
+
+def sharded_step(step: Callable, mesh: Mesh, rules, state_shardings, batch_shardings,
+                 out_extra=None, donate: bool = True) -> Callable:
+    """jit `step(state, batch) -> (state, stats)` with in/out shardings: the state stays where it
+    is (params and optimizer moments sharded by the rules), the batch arrives sharded over the
+    batch axes, stats come back replicated. XLA inserts the all-reduces / all-gathers.
+    `step` may itself be jitted (eqx.filter_jit): it is inlined. Non-array state leaves are static."""
+    repl = NamedSharding(mesh, P())
+    static_box: dict = {}
+
+    def inner(state_arrays, batch):
+        state = eqx.combine(state_arrays, static_box["static"])
+        with activate(mesh, rules):
+            new_state, stats = step(state, batch)
+        new_arrays, new_static = eqx.partition(new_state, eqx.is_array)
+        static_box["out_static"] = new_static
+        return new_arrays, stats
+
+    state_sh_arrays = eqx.filter(state_shardings, lambda s: isinstance(s, jax.sharding.Sharding),
+                                 is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
+    jitted = jax.jit(inner, in_shardings=(state_sh_arrays, batch_shardings),
+                     out_shardings=(state_sh_arrays, out_extra if out_extra is not None else repl),
+                     donate_argnums=(0,) if donate else ())
+
+    def run(state, batch):
+        arrays, static = eqx.partition(state, eqx.is_array)
+        static_box["static"] = static
+        new_arrays, stats = jitted(arrays, batch)
+        return eqx.combine(new_arrays, static_box.get("out_static", static)), stats
+
+    run.jitted = jitted  # type: ignore[attr-defined]
+    return run
+
+
+# ---- multi-host --------------------------------------------------------------------------------
+
+
+def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str | None = None,
+                           timeout_s: int | None = None) -> bool:
+    """jax.distributed.initialize from flags, or from the environment JAX reads (on Cloud TPU,
+    SLURM, Open MPI, Kubernetes JAX finds everything itself; elsewhere JAX_COORDINATOR_ADDRESS,
+    JAX_NUM_PROCESSES, JAX_PROCESS_ID). Returns True when this is a multi-process run.
+
+    On CPU, cross-process collectives need gloo (set before initialize)."""
+    env = os.environ
+    coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("JAX_NUM_PROCESSES"):
+        num_processes = int(env["JAX_NUM_PROCESSES"])
+    if process_id is None and env.get("JAX_PROCESS_ID"):
+        process_id = int(env["JAX_PROCESS_ID"])
+    if coordinator is None and num_processes is None:
+        return False
+    platforms = (env.get("JAX_PLATFORMS") or "").lower()
+    if cpu_collectives or "cpu" in platforms:
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
+    kw: dict[str, Any] = {}
+    if timeout_s is not None:
+        kw["initialization_timeout"] = timeout_s
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                               process_id=process_id, **kw)
+    return jax.process_count() > 1
