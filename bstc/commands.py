@@ -93,6 +93,8 @@ def explain(
     batch: int = typer.Option(8, "--batch", "-b", min=1, help="Batch size for the memory estimate."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
     ir_: bool = typer.Option(False, "--ir", help="Print the resolved IR instead of the table."),
+    mesh: Optional[str] = typer.Option(None, "--mesh", help="Plan for a device mesh, e.g. --mesh data=2,tensor=4: "
+                                       "each parameter's partition spec and the per-device memory."),
 ):
     """Show the expanded layer table, parameter count, FLOPs per token and memory, before any device is used."""
     import bstc
@@ -104,10 +106,22 @@ def explain(
         typer.echo(ir.dump(m))
         return
     rep = build_report(m, batch=batch)
+    plan = None
+    if mesh is not None or m.mesh is not None:  # sharding plan (bstc.shard); checks the rules
+        from bstc import shard
+
+        plan = shard.plan(m, mesh, batch=batch)
     if as_json:
-        typer.echo(rep.to_json())
+        if plan is not None:
+            d = rep.to_dict()
+            d["sharding"] = shard.plan_dict(plan, batch)
+            typer.echo(json.dumps(d, indent=2))
+        else:
+            typer.echo(rep.to_json())
         return
     print_report(rep)
+    if plan is not None:
+        shard.print_plan(plan, batch)
 
 
 def print_report(rep) -> None:

@@ -302,11 +302,17 @@ def plan(m: ir.Model, mesh: str | Mapping[str, int] | None = None, *, n_devices:
         axes = [a for a in rules.get(lname, ()) if sizes.get(a, 1) > 1]
         over = " × ".join(f"{a}={sizes[a]}" for a in axes)
         where = f"{what} {ir.fmt_shape(shape)}" if shape is not None else what
-        msg = (f"rule '{lname} -> {_target(rules.get(lname, ()))}' splits '{lname}' of size {n} ({where}) "
+        default = "" if lname in rm.rule_spans else "the default "
+        msg = (f"{default}rule '{lname} -> {_target(rules.get(lname, ()))}' splits '{lname}' of size {n} ({where}) "
                f"into {k} shards ({over}), which does not divide it")
         others = len({it[0] for it in items[1:]} - {what})
-        hint = (f"choose mesh sizes that divide {math.gcd(*[it[2] for it in items])}, or replicate it with "
-                f"`{lname} -> ()`" + (f"; {others} more parameter{'s' if others != 1 else ''} affected" if others else ""))
+        g = math.gcd(*[it[2] for it in items])
+        if lname == "batch":
+            hint = f"use a batch divisible by {k}, or mesh sizes whose product divides {g}"
+        else:
+            hint = f"choose mesh sizes that divide {g}, or replicate it with `{lname} -> ()`"
+        if others:
+            hint += f"; {others} more parameter{'s' if others != 1 else ''} affected"
         errors.error(rm.rule_span(lname), msg, hint)
     errors.raise_if_any()
     return ShardPlan(m, rm, abstract, logical, specs, rows, batch)
@@ -504,3 +510,50 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                process_id=process_id, **kw)
     return jax.process_count() > 1
+
+
+# ---- reporting (bstc explain --mesh) -------------------------------------------------------------
+
+
+def _fmt_spec(spec: P) -> str:
+    parts = []
+    for e in spec:
+        parts.append("·" if e is None else e if isinstance(e, str) else "(" + ",".join(e) + ")")
+    return "(" + ", ".join(parts) + ")" if parts else "replicated"
+
+
+def plan_dict(p: ShardPlan, batch: int | None = None) -> dict:
+    """The plan as JSON-able data (for `bstc explain --mesh … --json`)."""
+    return dict(
+        mesh=dict(p.mesh.axes), origin=p.mesh.origin, devices=p.mesh.size,
+        rules={k: list(v) for k, v in p.mesh.rules},
+        params=[dict(name=r.name, shape=list(r.shape), dtype=r.dtype, logical=list(r.logical),
+                     spec=[None if e is None else e if isinstance(e, str) else list(e) for e in r.spec],
+                     bytes=r.bytes, bytes_per_device=r.bytes_per_device) for r in p.rows],
+        memory_per_device=p.memory(batch),
+    )
+
+
+def print_plan(p: ShardPlan, batch: int | None = None, console=None) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from bstc.passes.report import bytes_h
+
+    c = console or Console(width=160)
+    rules = "; ".join(f"{k} -> {_target(v) if v else '()'}" for k, v in p.mesh.rules)
+    c.print(f"[bold]mesh[/] {p.mesh.describe()} = {p.mesh.size} device{'s' if p.mesh.size != 1 else ''} "
+            f"(from {p.mesh.origin}) · rules: {rules}")
+    t = Table(box=None, header_style="bold")
+    for col, just in (("parameter", "left"), ("shape", "left"), ("logical axes", "left"),
+                      ("partition spec", "left"), ("per device", "right")):
+        t.add_column(col, justify=just)
+    for r in p.rows:
+        t.add_row(r.name, ir.fmt_shape(r.shape), "(" + ", ".join(n or "·" for n in r.logical) + ")",
+                  _fmt_spec(r.spec), bytes_h(r.bytes_per_device))
+    c.print(t)
+    mem = p.memory(batch)
+    c.print(f"per device: params {bytes_h(mem['params'])} · grads {bytes_h(mem['grads'])} · "
+            f"AdamW moments {bytes_h(mem['optimizer'])} · activations {bytes_h(mem['activations'])} "
+            f"at batch {batch or p.batch or 8} · [bold]total {bytes_h(mem['total'])}[/] "
+            f"(params {bytes_h(p.param_bytes)} unsharded)")
