@@ -38,7 +38,7 @@ __all__ = [
     "ACTIVATION", "DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh", "ShardPlan",
     "ParamRow", "resolve_mesh", "plan", "spec_for", "logical_axes", "make_mesh", "param_shardings",
     "tree_shardings", "shard_tree", "batch_sharding", "global_batch", "constrain", "activate",
-    "sharded_step", "initialize_distributed", "process_slice",
+    "sharded_step", "initialize_distributed", "local_rows",
 ]
 
 
@@ -375,11 +375,25 @@ def tree_shardings(tree, p: ShardPlan, mesh: Mesh) -> Any:
     return jax.tree_util.tree_map_with_path(one, tree, is_leaf=_arraylike)
 
 
+def _put(x, s):
+    """Place one array with sharding `s`. In a multi-process run every process holds the same
+    host value (same seed) and contributes the shards its own devices hold."""
+    if s is None:
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, s)
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return jax.jit(lambda y: y, out_shardings=s)(x)  # already global: reshard
+    host = np.asarray(x)
+    return jax.make_array_from_callback(host.shape, s, lambda idx: host[idx])
+
+
 def shard_tree(tree, shardings):
-    """device_put every array leaf of `tree` with its sharding (None leaves of `shardings` skip)."""
+    """Place every array leaf of `tree` with its sharding (None leaves of `shardings` skip)."""
+    is_sh = lambda s: isinstance(s, jax.sharding.Sharding)  # noqa: E731
     arrays, static = eqx.partition(tree, eqx.is_array)
-    sh = eqx.filter(shardings, lambda s: isinstance(s, jax.sharding.Sharding), is_leaf=lambda s: isinstance(s, jax.sharding.Sharding))
-    placed = jax.tree.map(lambda x, s: jax.device_put(x, s) if s is not None else x, arrays, sh,
+    sh = eqx.filter(shardings, is_sh, is_leaf=is_sh)
+    placed = jax.tree.map(lambda x, s: _put(x, s) if x is not None else x, arrays, sh,
                           is_leaf=lambda x: x is None)
     return eqx.combine(placed, static)
 
@@ -395,25 +409,27 @@ def batch_sharding(p: ShardPlan | ResolvedMesh, mesh: Mesh, ndim: int = 2, batch
     return NamedSharding(mesh, spec_for(names, rm.rule_map, rm.shape))
 
 
-def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, batch_dim: int = 0) -> dict:
-    """Assemble the global batch from each process's own rows (jax.make_array_from_process_local_data).
-    With one process this is a device_put."""
+def global_batch(local: Mapping[str, np.ndarray], sharding: NamedSharding, global_rows: int | None = None,
+                 batch_dim: int = 0) -> dict:
+    """Assemble the global batch from each process's own rows (its `local_rows`) with
+    jax.make_array_from_process_local_data. global_rows: the global batch size (default: the
+    local rows × the number of processes). With one process this is a device_put."""
     out = {}
     for k, v in local.items():
         v = np.asarray(v)
         shape = list(v.shape)
-        shape[batch_dim] *= jax.process_count()
+        shape[batch_dim] = global_rows if global_rows is not None else shape[batch_dim] * jax.process_count()
         out[k] = jax.make_array_from_process_local_data(sharding, v, tuple(shape))
     return out
 
 
-def process_slice(global_batch_size: int) -> tuple[int, int]:
-    """(start, size) of this process's rows of a global batch: each process reads its own shard."""
-    n, i = jax.process_count(), jax.process_index()
-    if global_batch_size % n:
-        raise ValueError(f"batch {global_batch_size} is not divisible by the {n} processes")
-    per = global_batch_size // n
-    return i * per, per
+def local_rows(sharding: NamedSharding, global_shape: tuple, batch_dim: int = 0) -> tuple[int, int]:
+    """[start, stop) of the rows (along batch_dim) of a global batch that this process's devices
+    hold: the rows this process reads (its own shard of the data)."""
+    idx = sharding.addressable_devices_indices_map(tuple(global_shape)).values()
+    starts = [i[batch_dim].start or 0 for i in idx]
+    stops = [global_shape[batch_dim] if i[batch_dim].stop is None else i[batch_dim].stop for i in idx]
+    return min(starts), max(stops)
 
 
 # ---- activations -------------------------------------------------------------------------------
