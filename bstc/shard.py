@@ -108,6 +108,9 @@ def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tup
     if axes is not None:
         given = {jax.tree_util.keystr(p): v for p, v in
                  jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0]}
+    from bstc.ops.base import Op
+
+    own_rule = type(op).logical_axes is not Op.logical_axes
     for p, a in arrays:
         if not _arraylike(a):
             continue
@@ -115,8 +118,34 @@ def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tup
         names = given.get(k)
         if names is None or len(names) != len(a.shape) or any(n is not None and n not in LOGICAL_AXES for n in names):
             names = infer_logical_axes(a.shape, args, dims)
+        if not own_rule:
+            names = _role_axes(op.role, p, tuple(a.shape), dims, names)
         out[k] = (("layers",) if stacked else ()) + tuple(names)
     return out
+
+
+_OUT_PROJ = ("o", "wo", "w_o", "out", "w_out", "o_proj", "out_proj", "proj_out", "w_proj")
+
+
+def _role_axes(role: str, path, shape: tuple, dims, names: tuple) -> tuple:
+    """Refine size-inferred names for ops that give none, by role. Attention projections are
+    stored (in, out): the input projections (q, k, v, fused qkv) are (embed, heads·kv) and the
+    output projection (heads·kv, embed), so tensor parallelism splits them by heads (Megatron's
+    column- then row-parallel pair)."""
+    if role != "attn" or len(shape) != 2:
+        return names
+    leaf = ""
+    for k in reversed(path):
+        name = getattr(k, "name", None) or getattr(k, "key", None)
+        if isinstance(name, str):
+            leaf = name.lower()
+            break
+    D = dims.d_model
+    if leaf in _OUT_PROJ and shape[1] == D and shape[0] % D == 0:
+        return ("heads", "embed")
+    if shape[0] == D and shape[1] % D == 0 and names[1] in (None, "embed"):
+        return ("embed", "heads")
+    return names
 
 
 @dataclass
@@ -297,7 +326,8 @@ def plan(m: ir.Model, mesh: str | Mapping[str, int] | None = None, *, n_devices:
         if k > 1 and n % k:
             what = "the model's heads" if lname == "heads" else "the batch"
             bad.setdefault(lname, []).insert(0, (what, None, n, k))
-    for lname, items in bad.items():
+    order = list(rules) + [k for k in LOGICAL_AXES if k not in rules]
+    for lname, items in sorted(bad.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)):
         what, shape, n, k = items[0]
         axes = [a for a in rules.get(lname, ()) if sizes.get(a, 1) > 1]
         over = " × ".join(f"{a}={sizes[a]}" for a in axes)
@@ -573,3 +603,39 @@ def print_plan(p: ShardPlan, batch: int | None = None, console=None) -> None:
             f"AdamW moments {bytes_h(mem['optimizer'])} · activations {bytes_h(mem['activations'])} "
             f"at batch {batch or p.batch or 8} · [bold]total {bytes_h(mem['total'])}[/] "
             f"(params {bytes_h(p.param_bytes)} unsharded)")
+
+
+# ---- sharded checkpoints -------------------------------------------------------------------------
+
+
+def abstract_like(tree, shardings=None) -> list:
+    """[ShapeDtypeStruct(shape, dtype, sharding)] for the array leaves of `tree`: what orbax
+    restores into, straight onto the target mesh (each process reads only its own shards)."""
+    leaves = jax.tree.leaves(eqx.filter(tree, eqx.is_array))
+    shs = [None] * len(leaves)
+    if shardings is not None:
+        is_sh = lambda s: isinstance(s, jax.sharding.Sharding)  # noqa: E731
+        shs = jax.tree.leaves(eqx.filter(shardings, is_sh, is_leaf=is_sh), is_leaf=is_sh)
+        if len(shs) != len(leaves):
+            raise ValueError(f"{len(shs)} shardings for {len(leaves)} arrays")
+    return [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip(leaves, shs)]
+
+
+def save_checkpoint(directory, tree) -> None:
+    """Write the array leaves of `tree` with orbax; sharded arrays are written shard by shard
+    (in a multi-process run every process writes the shards it holds)."""
+    import orbax.checkpoint as ocp
+
+    ck = ocp.StandardCheckpointer()
+    ck.save(os.path.abspath(directory), jax.tree.leaves(eqx.filter(tree, eqx.is_array)), force=True)
+    ck.wait_until_finished()
+
+
+def restore_checkpoint(directory, like, shardings=None):
+    """Restore a checkpoint written by `save_checkpoint` (from any mesh) into the structure of
+    `like`, each array placed with its sharding in `shardings` (a pytree like `like`)."""
+    import orbax.checkpoint as ocp
+
+    arrays, static = eqx.partition(like, eqx.is_array)
+    leaves = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract_like(like, shardings))
+    return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), list(leaves)), static)
