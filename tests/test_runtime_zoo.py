@@ -1,0 +1,97 @@
+"""The runtime on real zoo models, end to end through the `bstc` command."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bstc.runtime import RunConfig, train
+from bstc.runtime.metrics import read_metrics
+from bstc.runtime.model import resolve_model, spec_from_file
+
+ROOT = Path(__file__).resolve().parent.parent
+# A BST-SH small enough for seconds on a CPU: the zoo file with the conftest's TINY-like sizes.
+SMALL = ["--set", "d_model=32", "--set", "heads=2", "--set", "seq_len=64", "--set", "window=16",
+         "--set", "ssm_state=8"]
+SMALL_DICT = dict(d_model=32, heads=2, seq_len=64, window=16, ssm_state=8)
+
+
+def _zoo_lowers() -> bool:
+    import bstc
+
+    try:
+        bstc.parse(str(resolve_model("bst_sh_s4")))
+        return True
+    except bstc.BstcError as e:  # the layer ops are written in parallel with the runtime
+        return "unknown layer kind" not in str(e)
+
+
+pytestmark = pytest.mark.skipif(not _zoo_lowers(), reason="the zoo's layer ops are not registered yet")
+
+
+def bstc(*args, timeout=300, **kw):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
+    return subprocess.run([sys.executable, "-m", "bstc.cli", *args], capture_output=True, text=True,
+                          cwd=kw.pop("cwd", ROOT), env=env, timeout=timeout, **kw)
+
+
+def test_loss_falls_on_the_default_corpus_with_a_tiny_bst(tmp_path):
+    spec = spec_from_file(resolve_model("bst_sh_s4"), SMALL_DICT)
+    r = train(RunConfig(steps=30, batch=8, lr=3e-3, eval_every=0, ckpt_every=30), tmp_path / "r",
+              spec, progress=False, plot=False, tensorboard=False)
+    losses = list(r.losses.values())
+    assert np.mean(losses[:3]) > np.log(256) - 0.5
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5
+
+
+def test_cli_train_eval_plot_and_resume(tmp_path):
+    run = tmp_path / "run"
+    args = ["train", "bst_sh_s4", *SMALL, "--steps", "12", "--batch", "4", "--ckpt-every", "4",
+            "--eval-every", "6", "-o", str(run)]
+    r = bstc(*args)
+    assert r.returncode == 0, r.stderr
+    for f in ("config.yaml", "model.bst", "run.json", "metrics.jsonl", "loss.png"):
+        assert (run / f).is_file(), f
+    assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [4, 8, 12]
+    info = json.loads((run / "run.json").read_text())
+    assert info["overrides"]["d_model"] == 32 and info["seq_len"] == 64
+    first = {x["step"]: x["loss"] for x in read_metrics(run) if x.get("split") == "train"}
+    assert sorted(first) == list(range(1, 13))
+
+    r = bstc("eval", str(run), "--lengths", "64,128,256", "--max-tokens", "2048")
+    assert r.returncode == 0, r.stderr
+    assert "bits/byte" in r.stdout and "256" in r.stdout
+    res = json.loads((run / "eval" / "eval-validation.json").read_text())
+    assert {"64", "128", "256"} <= set(res["lengths"]) and all("bpb" in v for v in res["lengths"].values())
+    assert (run / "eval" / "per_position-validation.png").is_file()
+
+    (run / "loss.png").unlink()
+    assert bstc("plot", str(run)).returncode == 0 and (run / "loss.png").is_file()
+
+    # resuming with a different model is refused, and leaves the run as it was
+    r = bstc("train", "--resume", "-o", str(run), "--set", "d_model=48", "--steps", "16")
+    assert r.returncode == 1 and "different model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+    # continue the finished run for 4 more steps: the same config, only --steps changes
+    r = bstc("train", "--resume", "-o", str(run), "--steps", "16", "-q")
+    assert r.returncode == 0, r.stderr
+    steps = [x["step"] for x in read_metrics(run) if x.get("split") == "train"]
+    assert steps == list(range(1, 17))
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = bstc("train", "--set", "nonsense")
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bstc: error: --set expects KEY=VALUE, got 'nonsense'"]
+    r = bstc("train", "no_such_model")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr
+    r = bstc("eval", str(tmp_path))
+    assert r.returncode == 2 and "not a bstc run directory" in r.stderr and "Traceback" not in r.stderr
+    r = bstc("train", *SMALL, "--set", "d_modle=64", "--steps", "1", "-o", str(tmp_path / "x"))
+    assert r.returncode == 1 and "d_modle" in r.stderr and "Traceback" not in r.stderr
