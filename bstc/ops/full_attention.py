@@ -1,0 +1,167 @@
+"""`full_attention`: GPT-style causal multi-head self-attention over the whole sequence.
+
+The paper's "Transformer" baseline (Table 1). Every query attends to every earlier key, so the
+cost is quadratic in L: the L×L logits are materialised (this is the baseline whose cost BST's
+block attention avoids). Positions come from RoPE on queries and keys (no absolute embedding).
+
+Also home of the small helpers the other baseline kinds share (projection init, dropout,
+RMS norm, heads arithmetic); they live here rather than in a private module so that each
+baseline file stays readable on its own.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
+
+# ---- helpers shared by the baseline kinds ----------------------------------------------------
+
+# Rough per-element costs of the non-matmul work, as XLA's cost analysis counts it (one flop per
+# elementwise op; exp/rsqrt are counted as one flop each too). Calibrated against
+# `compiled.cost_analysis()['flops']` in tests/test_ops_baselines.py so that `bstc explain` agrees
+# with XLA within a few percent even at tiny widths, where these terms are not negligible.
+SOFTMAX_FLOPS = 5.0  # per logit: scale, mask-select, max-subtract, exp, divide (+ the sum)
+ROPE_FLOPS = 3.0  # per rotated element (q and k): two multiplies and an add
+RMS_FLOPS = 4.0  # per element: square, sum, scale, weight
+GELU_FLOPS = 8.0  # per element (tanh approximation as XLA lowers it)
+
+
+def heads_of(args: Mapping[str, Any], dims: Dims) -> int:
+    """`heads: 0` means the model's head count."""
+    h = int(args.get("heads", 0) or 0)
+    return h if h > 0 else dims.heads
+
+
+def check_heads(args: Mapping[str, Any], dims: Dims) -> list[Problem]:
+    h = heads_of(args, dims)
+    if h <= 0 or dims.d_model % h:
+        return [Problem(f"d_model ({dims.d_model}) is not divisible by heads ({h})",
+                        "heads" if args.get("heads") else None,
+                        "choose heads that divide d_model")]
+    return []
+
+
+def check_window(args: Mapping[str, Any], dims: Dims, name: str = "window") -> list[Problem]:
+    w = int(args[name])
+    if w <= 0:
+        return [Problem(f"{name} must be positive, got {w}", name)]
+    if dims.seq_len % w:
+        return [Problem(f"seq_len ({dims.seq_len}) is not divisible by {name} ({w})", name,
+                        f"the sequence is split into blocks of {w}")]
+    return []
+
+
+def dense_init(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]:
+    """Normal(0, 1/fan_in): unit-variance outputs for unit-variance inputs."""
+    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * fan_in ** -0.5
+
+
+def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
+    """Inverted dropout; key=None (evaluation) or rate 0 is the identity."""
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
+    """RMS norm in float32 (a reduction over D in bf16 loses too much), cast back."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def plain_axes(module, dims: Dims, hidden: int | None = None):
+    """Logical axes for the baselines' parameters: d_model dims are 'embed', MLP widths 'mlp', the
+    rest (fused q/k/v outputs, state slots, position buckets) unsharded. Overrides the size-based
+    default, which would read a BRT's `state` (number of state vectors) as an SSM state size."""
+    table = ([(hidden, "mlp")] if hidden else []) + [(dims.d_model, "embed")]
+
+    def axes(a):
+        out: list = []
+        for n in a.shape:
+            out.append(next((nm for size, nm in table if size == n and nm not in out), None))
+        return tuple(out)
+
+    return jax.tree.map(lambda a: axes(a) if hasattr(a, "shape") and hasattr(a, "dtype") else None, module)
+
+
+def split_heads(x: Float[Array, "*b T HD"], heads: int) -> Float[Array, "*b T H dh"]:
+    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+
+
+def merge_heads(x: Float[Array, "*b T H dh"]) -> Float[Array, "*b T HD"]:
+    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
+
+
+# ---- the op ------------------------------------------------------------------------------------
+
+
+class FullAttention(eqx.Module):
+    """x (B, L, D) -> causal self-attention output (B, L, D)."""
+
+    w_qkv: Float[Array, "D 3D"]
+    w_o: Float[Array, "D D"]
+    heads: int = eqx.field(static=True)
+    rope: bool = eqx.field(static=True)
+    rate: float = eqx.field(static=True)
+
+    def __call__(self, x: Float[Array, "B L D"], *, context=None, key: PRNGKeyArray | None = None
+                 ) -> Float[Array, "B L D"]:
+        from bstc.ops._attention import apply_rope, attend
+
+        L = x.shape[1]
+        qkv = x @ self.w_qkv.astype(x.dtype)  # (B, L, 3D)
+        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))  # (B, L, H, dh)
+        if self.rope:
+            pos = jnp.arange(L)
+            q, k = apply_rope(q, pos), apply_rope(k, pos)
+        mask = jnp.tril(jnp.ones((L, L), bool))  # the quadratic part: (L, L) logits per head
+        y = attend(q, k, v, mask)  # (B, L, H, dh)
+        y = merge_heads(y).astype(x.dtype) @ self.w_o.astype(x.dtype)
+        return dropout(y, self.rate, key)
+
+
+@register
+class FullAttentionOp(Op):
+    kind = "full_attention"
+    role = "attn"
+    params = (
+        Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
+        Param("rope", bool, True, doc="rotary position embedding on queries and keys"),
+        Param("dropout", float, 0.0, min=0.0, max=1.0, doc="dropout on the attention output"),
+    )
+    doc = "Causal multi-head self-attention over the whole sequence (the GPT baseline); O(L²)."
+
+    def check(self, args, dims: Dims, context: ContextSpec | None) -> list[Problem]:
+        return check_heads(args, dims)
+
+    def param_count(self, args, dims: Dims, context) -> int:
+        return 4 * dims.d_model * dims.d_model
+
+    def flops_per_token(self, args, dims: Dims, context) -> float:
+        D, L, H = dims.d_model, dims.seq_len, heads_of(args, dims)
+        proj = 2 * D * 3 * D + 2 * D * D
+        # Every query computes all L logits (the causal half is masked, not skipped).
+        attn = 2 * L * D * 2 + SOFTMAX_FLOPS * H * L
+        rope = ROPE_FLOPS * 2 * D if args.get("rope", True) else 0.0
+        return float(proj + attn + rope)
+
+    def activation_bytes_per_token(self, args, dims: Dims, context) -> float:
+        item = 2 if dims.dtype == "bfloat16" else 4
+        # q, k, v, output, plus the f32 probabilities (H·L per token) kept for the backward pass.
+        return 4 * dims.d_model * item + heads_of(args, dims) * dims.seq_len * 4
+
+    def logical_axes(self, args, dims: Dims, context, module):
+        return plain_axes(module, dims)
+
+    def build(self, args, dims: Dims, context, *, key):
+        D = dims.d_model
+        k1, k2 = jax.random.split(key)
+        return FullAttention(dense_init(k1, D, 3 * D), dense_init(k2, D, D), heads_of(args, dims),
+                             bool(args.get("rope", True)), float(args.get("dropout", 0.0)))

@@ -1,0 +1,244 @@
+"""The paper's baseline layer kinds: full, sliding-window and Transformer-XL attention, the
+Block-Recurrent Transformer layer, and the Gated State Space layer.
+
+Oracles: naive dense attention with an explicit L×L mask (written here, independent of
+bstc.ops._attention); causality by perturbation; BRT's scan == a Python loop over blocks;
+the XL memory carries no gradient (and does carry one when the stop-gradient is removed);
+param_count == the built module's leaf count; flops_per_token == XLA's cost analysis.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bstc.ops import Dims, get
+
+D, H, W, L, B = 32, 2, 16, 64, 2
+DIMS = Dims(vocab=256, d_model=D, heads=H, window=W, seq_len=L)
+
+CASES = {
+    "full": ("full_attention", {}),
+    "full_norope": ("full_attention", {"rope": False}),
+    "sliding": ("sliding_attention", {"window": W}),
+    "xl": ("xl_attention", {"window": W}),
+    "xl_m24": ("xl_attention", {"window": W, "memory": 24}),
+    "xl_m40": ("xl_attention", {"window": W, "memory": 40}),
+    "brt_fixed_skip": ("brt", {"window": W}),
+    "brt_lstm_skip": ("brt", {"window": W, "gate": "lstm"}),
+    "brt_fixed_mlp": ("brt", {"window": W, "state": 8, "skip": False, "hidden": 48}),
+    "brt_lstm_mlp": ("brt", {"window": W, "state": 8, "gate": "lstm", "skip": False, "hidden": 48}),
+    "gss": ("gss", {"state": 16}),
+    "gss_e2": ("gss", {"state": 8, "expand": 2}),
+}
+
+
+def full_args(kind: str, given: dict) -> dict:
+    op = get(kind)
+    out = {p.name: p.default for p in op.params if not p.required}
+    out.update(given)
+    return out
+
+
+def build(case: str, key=0):
+    kind, given = CASES[case]
+    args = full_args(kind, given)
+    op = get(kind)
+    assert op.check(args, DIMS, None) == []
+    return op, args, op.build(args, DIMS, None, key=jax.random.key(key))
+
+
+def x_input(seed=1, shape=(B, L, D)):
+    return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+
+
+def naive_attention(q, k, v, mask):
+    """q, k, v (B, T, H, dh); mask (T, T) bool — the L×L oracle."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.where(mask, logits, -jnp.inf)
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, -1), v)
+
+
+def naive_rope(x, pos):
+    half = x.shape[-1] // 2
+    freq = 10000.0 ** (-np.arange(half) / half)
+    ang = np.asarray(pos)[:, None] * freq[None]
+    cos, sin = np.cos(ang)[:, None, :], np.sin(ang)[:, None, :]
+    x1, x2 = x[..., :half], x[..., half:]
+    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+
+# ---- contract -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_param_count_equals_leaves_and_shape(case):
+    op, args, m = build(case)
+    leaves = jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array))
+    assert op.param_count(args, DIMS, None) == sum(x.size for x in leaves)
+    y = m(x_input())
+    assert y.shape == (B, L, D) and y.dtype == jnp.float32
+    assert bool(jnp.all(jnp.isfinite(y)))
+    assert op.out_shape(args, DIMS) == ("B", L, D)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_causal_by_perturbation(case):
+    _, _, m = build(case)
+    f = jax.jit(lambda x: m(x))
+    x = x_input()
+    y0 = f(x)
+    scale = float(jnp.max(jnp.abs(y0)))
+    for t in (0, W - 1, W, 2 * W + 5, L - 1):
+        y1 = f(x.at[:, t].add(3.0))
+        if t > 0:
+            assert float(jnp.max(jnp.abs(y1[:, :t] - y0[:, :t]))) <= 1e-4 * scale, f"position {t} leaks backwards"
+        assert float(jnp.max(jnp.abs(y1[:, t] - y0[:, t]))) > 1e-3 * scale, f"position {t} does not see itself"
+
+
+@pytest.mark.parametrize("case", ["full", "sliding", "xl", "brt_fixed_skip", "brt_lstm_mlp", "gss"])
+def test_flops_match_xla_cost_analysis(case):
+    op, args, m = build(case)
+    if case.startswith("brt"):
+        m = dataclasses.replace(m, unroll=True)  # XLA's cost analysis counts a loop body once
+    cost = jax.jit(lambda x: m(x)).lower(x_input()).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    mine = op.flops_per_token(args, DIMS, None) * B * L
+    assert mine == pytest.approx(cost["flops"], rel=0.05)
+
+
+@pytest.mark.parametrize("case", ["full", "sliding", "xl"])
+def test_dropout_only_with_a_key(case):
+    kind, given = CASES[case]
+    args = full_args(kind, {**given, "dropout": 0.5})
+    m = get(kind).build(args, DIMS, None, key=jax.random.key(0))
+    x = x_input()
+    assert jnp.array_equal(m(x), m(x))
+    assert not jnp.allclose(m(x), m(x, key=jax.random.key(3)))
+
+
+# ---- attention oracles ------------------------------------------------------------------------------
+
+
+def qkv_of(m, x):
+    q, k, v = jnp.split(x @ m.w_qkv, 3, -1)
+    sh = lambda t: t.reshape(*t.shape[:-1], H, D // H)  # noqa: E731
+    return sh(q), sh(k), sh(v)
+
+
+def test_full_equals_dense_causal():
+    _, _, m = build("full")
+    x = x_input()
+    q, k, v = qkv_of(m, x)
+    pos = np.arange(L)
+    q, k = naive_rope(q, pos), naive_rope(k, pos)
+    ref = naive_attention(q, k, v, np.tril(np.ones((L, L), bool))).reshape(B, L, D) @ m.w_o
+    np.testing.assert_allclose(m(x), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_sliding_equals_dense_with_band_mask():
+    _, _, m = build("sliding")
+    x = x_input()
+    q, k, v = qkv_of(m, x)
+    pos = np.arange(L)
+    q, k = naive_rope(q, pos), naive_rope(k, pos)
+    t, s = pos[:, None], pos[None, :]
+    band = (s <= t) & (s >= (t // W - 1) * W)  # the previous block and the current one, causally
+    ref = naive_attention(q, k, v, band).reshape(B, L, D) @ m.w_o
+    np.testing.assert_allclose(m(x), ref, atol=2e-5, rtol=1e-4)
+    # and the band really is W..2W wide: a query at the end of a block sees 2W keys
+    assert band[2 * W - 1].sum() == 2 * W and band[2 * W].sum() == W + 1
+
+
+def test_sliding_is_not_full():
+    """Tokens more than 2W back are invisible (the baseline's limited context)."""
+    _, _, m = build("sliding")
+    x = x_input()
+    y0, y1 = m(x), m(x.at[:, 0].add(5.0))
+    assert jnp.allclose(y0[:, 2 * W:], y1[:, 2 * W:], atol=1e-6)
+    assert not jnp.allclose(y0[:, W:2 * W], y1[:, W:2 * W], atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["xl", "xl_m24", "xl_m40"])
+def test_xl_equals_dense_with_memory_band(case):
+    from bstc.ops.xl_attention import t5_buckets
+
+    _, _, m = build(case)
+    m = eqx.tree_at(lambda m: m.rel_bias, m, jax.random.normal(jax.random.key(5), m.rel_bias.shape))
+    x = x_input()
+    M = m.memory
+    q = (x @ m.w_q).reshape(B, L, H, -1)
+    k, v = (t.reshape(B, L, H, -1) for t in jnp.split(x @ m.w_kv, 2, -1))
+    t, s = np.arange(L)[:, None], np.arange(L)[None, :]
+    band = (s <= t) & (s >= (t // W) * W - M)  # the block so far + the M tokens before it
+    bias = m.rel_bias[t5_buckets(t - s, 32, M + W - 1)]  # (L, L, H)
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(D // H) + jnp.transpose(bias, (2, 0, 1))
+    p = jax.nn.softmax(jnp.where(band, logits, -jnp.inf), -1)
+    ref = jnp.einsum("bhqk,bkhd->bqhd", p, v).reshape(B, L, D) @ m.w_o
+    np.testing.assert_allclose(m(x), ref, atol=2e-5, rtol=1e-4)
+
+
+def test_xl_memory_carries_no_gradient():
+    """Block k's outputs depend on block k−1's inputs only through the memory, and that path is
+    stop-gradient: d out[block k] / d x[block k−1] is exactly zero, while the forward value does
+    depend on it. Removing the stop-gradient (the contrast) makes the same gradient non-zero."""
+    _, _, m = build("xl")  # memory = W: block k sees exactly block k−1 through the memory
+    x = x_input()
+    k = 2
+    blk = slice(k * W, (k + 1) * W)
+    prev = slice((k - 1) * W, k * W)
+
+    def grad_prev(mod):
+        g = jax.grad(lambda x: jnp.sum(jnp.sin(mod(x)[:, blk])))(x)
+        return g[:, prev]
+
+    assert float(jnp.max(jnp.abs(grad_prev(m)))) == 0.0
+    no_stop = dataclasses.replace(m, stop_memory_grad=False)
+    assert np.allclose(no_stop(x), m(x))  # the same forward pass
+    assert float(jnp.max(jnp.abs(grad_prev(no_stop)))) > 1e-3
+    # the memory is used: perturbing block k−1 changes block k's output
+    y1 = m(x.at[:, prev].add(1.0))
+    assert float(jnp.max(jnp.abs(y1[:, blk] - m(x)[:, blk]))) > 1e-3
+    # and the weights still learn through the memory path
+    gw = jax.grad(lambda mod: jnp.sum(jnp.sin(mod(x)[:, blk])))(m)
+    assert float(jnp.max(jnp.abs(gw.w_kv))) > 0.0
+
+
+# ---- Block-Recurrent Transformer ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", ["brt_fixed_skip", "brt_lstm_skip", "brt_fixed_mlp", "brt_lstm_mlp"])
+def test_brt_scan_equals_unrolled_python_loop(case):
+    _, _, m = build(case)
+    x = x_input()
+    scanned = jax.jit(lambda x: m(x))(x)
+    unrolled = m.call_unrolled(x)  # eager, block by block, each block computed on its own
+    np.testing.assert_allclose(scanned, unrolled, atol=2e-5, rtol=1e-4)
+    np.testing.assert_allclose(dataclasses.replace(m, unroll=True)(x), scanned, atol=2e-5, rtol=1e-4)
+
+
+def test_brt_state_carries_information_beyond_the_window():
+    """Unlike Slide, a token far back (more than 2W) still reaches later blocks via the state."""
+    _, _, m = build("brt_fixed_skip")
+    x = x_input()
+    y0, y1 = m(x), m(x.at[:, 0].add(5.0))
+    assert float(jnp.max(jnp.abs(y0[:, 3 * W:] - y1[:, 3 * W:]))) > 1e-4
+
+
+def test_brt_gradients_flow_through_the_scan():
+    _, _, m = build("brt_lstm_mlp")
+    x = x_input()
+    g = jax.grad(lambda mod: jnp.sum(mod(x) ** 2))(m)
+    for leaf in (g.init_state, g.state_pos, g.gate.w_f, g.state_mlp.w1, g.s_qkvq):
+        assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.max(jnp.abs(leaf))) > 0
+
+
+def test_schema_errors():
+    assert get("sliding_attention").check({"window": 24, "heads": 0}, DIMS, None)[0].arg == "window"
+    assert get("full_attention").check({"heads": 3}, DIMS, None)
+    assert get("brt").check(full_args("brt", {"window": 10}), DIMS, None)
+    assert get("xl_attention").check(full_args("xl_attention", {"window": W, "memory": 1000}), DIMS, None)
