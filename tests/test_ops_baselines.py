@@ -80,7 +80,7 @@ def test_param_count_equals_leaves_and_shape(case):
     op, args, m = build(case)
     leaves = jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array))
     assert op.param_count(args, DIMS, None) == sum(x.size for x in leaves)
-    y = m(x_input())
+    y = eqx.filter_jit(lambda m, x: m(x))(m, x_input())
     assert y.shape == (B, L, D) and y.dtype == jnp.float32
     assert bool(jnp.all(jnp.isfinite(y)))
     assert op.out_shape(args, DIMS) == ("B", L, D)
@@ -193,7 +193,7 @@ def test_xl_memory_carries_no_gradient():
     prev = slice((k - 1) * W, k * W)
 
     def grad_prev(mod):
-        g = jax.grad(lambda x: jnp.sum(jnp.sin(mod(x)[:, blk])))(x)
+        g = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(mod(x)[:, blk]))))(x)
         return g[:, prev]
 
     assert float(jnp.max(jnp.abs(grad_prev(m)))) == 0.0
@@ -216,23 +216,25 @@ def test_brt_scan_equals_unrolled_python_loop(case):
     _, _, m = build(case)
     x = x_input()
     scanned = jax.jit(lambda x: m(x))(x)
-    unrolled = m.call_unrolled(x)  # eager, block by block, each block computed on its own
+    unrolled = jax.jit(lambda x: m.call_unrolled(x))(x)  # a Python loop: block by block, each on its own
     np.testing.assert_allclose(scanned, unrolled, atol=2e-5, rtol=1e-4)
-    np.testing.assert_allclose(dataclasses.replace(m, unroll=True)(x), scanned, atol=2e-5, rtol=1e-4)
+    mu = dataclasses.replace(m, unroll=True)
+    np.testing.assert_allclose(jax.jit(lambda x: mu(x))(x), scanned, atol=2e-5, rtol=1e-4)
 
 
 def test_brt_state_carries_information_beyond_the_window():
     """Unlike Slide, a token far back (more than 2W) still reaches later blocks via the state."""
     _, _, m = build("brt_fixed_skip")
     x = x_input()
-    y0, y1 = m(x), m(x.at[:, 0].add(5.0))
+    f = jax.jit(lambda x: m(x))
+    y0, y1 = f(x), f(x.at[:, 0].add(5.0))
     assert float(jnp.max(jnp.abs(y0[:, 3 * W:] - y1[:, 3 * W:]))) > 1e-4
 
 
 def test_brt_gradients_flow_through_the_scan():
     _, _, m = build("brt_lstm_mlp")
     x = x_input()
-    g = jax.grad(lambda mod: jnp.sum(mod(x) ** 2))(m)
+    g = eqx.filter_jit(eqx.filter_grad(lambda mod: jnp.sum(mod(x) ** 2)))(m)
     for leaf in (g.init_state, g.state_pos, g.gate.w_f, g.state_mlp.w1, g.s_qkvq):
         assert bool(jnp.all(jnp.isfinite(leaf))) and float(jnp.max(jnp.abs(leaf))) > 0
 
