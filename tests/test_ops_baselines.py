@@ -244,3 +244,26 @@ def test_schema_errors():
     assert get("full_attention").check({"heads": 3}, DIMS, None)
     assert get("brt").check(full_args("brt", {"window": 10}), DIMS, None)
     assert get("xl_attention").check(full_args("xl_attention", {"window": W, "memory": 1000}), DIMS, None)
+
+
+# ---- Gated State Space ------------------------------------------------------------------------------
+
+
+def test_gss_equals_direct_convolution_reference():
+    from bstc.ops import _ssm
+
+    _, _, m = build("gss")
+    x = x_input()
+    v = jax.nn.gelu(x @ m.w_v + m.b_v)
+    u = jax.nn.gelu(x @ m.w_u + m.b_u)
+    k = _ssm.s4d_kernel_vandermonde(m.log_dt, m.log_A_re, m.A_im, m.C, L)[0]
+    y = _ssm.causal_direct_conv(u, k) + m.D * u
+    ref = ((y @ m.w_uc + m.b_uc) * v) @ m.w_o + m.b_o
+    np.testing.assert_allclose(jax.jit(lambda x: m(x))(x), ref, atol=1e-4, rtol=1e-3)
+
+
+def test_gss_reaches_the_whole_prefix():
+    _, _, m = build("gss")
+    f = jax.jit(lambda x: m(x))
+    x = x_input()
+    assert float(jnp.max(jnp.abs(f(x)[:, -1] - f(x.at[:, 0].add(5.0))[:, -1]))) > 1e-5
