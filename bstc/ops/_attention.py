@@ -1,0 +1,63 @@
+"""Attention numerics shared by the attention layer kinds.
+
+All softmaxes run in float32. Masks are boolean, True = may attend."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+_NEG = -1e30
+
+
+def attend(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk H dh"], v: Float[Array, "... Tk H dh"],
+           mask: Bool[Array, "..."]) -> Float[Array, "... Tq H dh"]:
+    """softmax(q·kᵀ/√dh + mask)·v; mask broadcastable to (..., H, Tq, Tk)."""
+    scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
+    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.where(mask, logits, _NEG)
+    w = jax.nn.softmax(logits, axis=-1)
+    return jnp.einsum("...hqk,...khd->...qhd", w.astype(v.dtype), v).astype(q.dtype)
+
+
+def block_mask(window: int, n_context: int) -> Bool[Array, "W S+W"]:
+    """[ones(W, S) | tril(W)]: every query sees all context vectors and the block's past."""
+    return jnp.concatenate([jnp.ones((window, n_context), bool), jnp.tril(jnp.ones((window, window), bool))], axis=1)
+
+
+def blockwise_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"], v: Float[Array, "B L H dh"],
+                        window: int, ctx_k: Float[Array, "B nb S H dh"] | None = None,
+                        ctx_v: Float[Array, "B nb S H dh"] | None = None) -> Float[Array, "B L H dh"]:
+    """Causal attention within blocks of `window` tokens, plus full attention to each block's
+    context vectors. Computed block by block (B·L/W independent problems of W queries and S + W
+    keys): the L×L logits are never built, so the cost is O(L·(S + W)·D)."""
+    B, L, H, dh = q.shape
+    nb = L // window
+    qb, kb, vb = (t.reshape(B, nb, window, H, dh) for t in (q, k, v))
+    S = 0
+    if ctx_k is not None:
+        S = ctx_k.shape[2]
+        kb = jnp.concatenate([ctx_k.astype(kb.dtype), kb], axis=2)
+        vb = jnp.concatenate([ctx_v.astype(vb.dtype), vb], axis=2)
+    out = attend(qb, kb, vb, block_mask(window, S))
+    return out.reshape(B, L, H, dh)
+
+
+def dense_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"], v: Float[Array, "B L H dh"],
+                    mask: Bool[Array, "..."]) -> Float[Array, "B L H dh"]:
+    """Oracle / full attention: the L×L problem with an explicit mask (L, L) or (B, H, L, L)."""
+    return attend(q, k, v, mask)
+
+
+def apply_rope(x: Float[Array, "... T H dh"], positions) -> Float[Array, "... T H dh"]:
+    """Rotary position embedding (Su et al. 2021) on the last axis, half-split convention."""
+    dh = x.shape[-1]
+    half = dh // 2
+    freqs = 1.0 / (10000.0 ** (jnp.arange(half, dtype=jnp.float32) / half))
+    ang = jnp.asarray(positions, jnp.float32)[:, None] * freqs[None]  # (T, half)
+    cos, sin = jnp.cos(ang)[:, None, :], jnp.sin(ang)[:, None, :]  # (T, 1, half)
+    x1, x2 = x[..., :half].astype(jnp.float32), x[..., half:2 * half].astype(jnp.float32)
+    rot = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    if 2 * half < dh:
+        rot = jnp.concatenate([rot, x[..., 2 * half:].astype(jnp.float32)], axis=-1)
+    return rot.astype(x.dtype)

@@ -1,0 +1,159 @@
+"""SSM numerics shared by the SSM-like layer kinds: S4D kernels, their oracles, causal convolution.
+
+S4D (Gu et al. 2022, "On the Parameterization and Initialization of Diagonal State Space
+Models"): per channel h, N/2 complex modes A_n = -exp(log_A_re) + i·A_im, B = 1, complex C,
+zero-order-hold discretisation with step dt = exp(log_dt):
+
+    dA = exp(dt·A),  dB = (dA − 1)/A,  K[h, l] = 2·Re Σ_n C_n·dB_n·dA_n^l.
+
+Everything here runs in float32 / complex64 whatever the compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Complex, Float
+
+from bstc.ops.base import fft_len
+
+
+def s4d_init(key, channels: int, state: int, init: str = "lin", dt_min: float = 1e-3, dt_max: float = 1e-1,
+             filters: int = 1):
+    """Initial (log_dt (H,), log_A_re (H,N2), A_im (H,N2), C (F,H,N2,2) as re/im pairs)."""
+    n2 = state // 2
+    k_dt, k_c = jax.random.split(key)
+    log_dt = jax.random.uniform(k_dt, (channels,), minval=math.log(dt_min), maxval=math.log(dt_max))
+    log_A_re = jnp.full((channels, n2), math.log(0.5))
+    n = jnp.arange(n2, dtype=jnp.float32)
+    if init == "lin":  # S4D-Lin: imaginary parts π·n
+        A_im = jnp.broadcast_to(math.pi * n, (channels, n2))
+    elif init == "inv":  # S4D-Inv: (N/π)(N/(2n+1) − 1)
+        A_im = jnp.broadcast_to((state / math.pi) * (state / (2 * n + 1) - 1), (channels, n2))
+    else:
+        raise ValueError(f"unknown S4D init {init!r}")
+    # C ~ complex normal with unit variance (each part variance 1/2)
+    C = jax.random.normal(k_c, (filters, channels, n2, 2)) * math.sqrt(0.5)
+    return log_dt, log_A_re, jnp.asarray(A_im, jnp.float32), C
+
+
+def discretize(log_dt, log_A_re, A_im, C) -> tuple[Complex[Array, "H N2"], Complex[Array, "F H N2"], Complex[Array, "H N2"]]:
+    """(dtA, C' = C·dB, dA): ZOH with B = 1, all complex64."""
+    log_dt, log_A_re, A_im, C = (jnp.asarray(a, jnp.float32) for a in (log_dt, log_A_re, A_im, C))
+    A = -jnp.exp(log_A_re) + 1j * A_im  # (H, N2)
+    dtA = jnp.exp(log_dt)[:, None] * A
+    dA = jnp.exp(dtA)
+    dB = (dA - 1.0) / A
+    Cc = C[..., 0] + 1j * C[..., 1]  # (F, H, N2)
+    return dtA, Cc * dB[None], dA
+
+
+def s4d_kernel(log_dt, log_A_re, A_im, C, length: int) -> Float[Array, "F H L"]:
+    """K[f, h, l] for l < length, without materialising the (H, N2, L) Vandermonde tensor.
+
+    Factor l = a·L1 + b (0 ≤ b < L1, 0 ≤ a < L2): dA^l = (dA^{L1})^a · dA^b, so
+    K[f, h, a, b] = 2·Re Σ_n (C'_n · exp(a·L1·dtA_n)) · exp(b·dtA_n) — one batched complex matmul of
+    (F·H, L2, N2) by (H, N2, L1): the big intermediate is O(H·N2·(L1 + L2)) instead of O(H·N2·L)."""
+    dtA, Cp, _ = discretize(log_dt, log_A_re, A_im, C)
+    L1 = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
+    L2 = -(-length // L1)
+    a = jnp.arange(L2, dtype=jnp.float32) * L1
+    b = jnp.arange(L1, dtype=jnp.float32)
+    outer = Cp[:, :, None, :] * jnp.exp(dtA[None, :, None, :] * a[None, None, :, None])  # (F, H, L2, N2)
+    inner = jnp.exp(dtA[:, :, None] * b[None, None, :])  # (H, N2, L1)
+    K = jnp.einsum("fhan,hnb->fhab", outer, inner)  # (F, H, L2, L1)
+    K = 2.0 * K.real.reshape(K.shape[0], K.shape[1], L2 * L1)
+    return K[..., :length]
+
+
+def s4d_kernel_vandermonde(log_dt, log_A_re, A_im, C, length: int) -> Float[Array, "F H L"]:
+    """Oracle: the naive kernel through the full (H, N2, L) Vandermonde tensor."""
+    dtA, Cp, _ = discretize(log_dt, log_A_re, A_im, C)
+    V = jnp.exp(dtA[:, :, None] * jnp.arange(length, dtype=jnp.float32))  # (H, N2, L)
+    return 2.0 * jnp.einsum("fhn,hnl->fhl", Cp, V).real
+
+
+def s4d_step(dA, dB_C, state, u_t):
+    """One recurrent step for all channels: state (F?, H, N2) complex, u_t (H,) → (state, y_t).
+
+    Uses the factored form x_t = dA ⊙ x_{t−1} + u_t (B = 1 folded into C' = C·dB), y_t = 2·Re(C'·x_t)."""
+    state = dA * state + u_t[..., :, None]
+    y = 2.0 * jnp.sum(dB_C * state, axis=-1).real
+    return state, y
+
+
+def s4d_recurrence(log_dt, log_A_re, A_im, C, u: Float[Array, "L H"]) -> Float[Array, "F L H"]:
+    """Oracle: run the recurrence x_t = dA x_{t−1} + dB u_t, y_t = 2 Re(C x_t) step by step."""
+    _, Cp, dA = discretize(log_dt, log_A_re, A_im, C)
+    state0 = jnp.zeros(dA.shape, jnp.complex64)
+
+    def step(state, u_t):
+        state, y = s4d_step(dA, Cp, state, u_t.astype(jnp.float32))
+        return state, y
+
+    _, ys = jax.lax.scan(step, state0, u)  # ys (L, F, H)
+    return jnp.moveaxis(ys, 1, 0)
+
+
+def causal_fft_conv(u: Float[Array, "B L C"], k: Float[Array, "C L"]) -> Float[Array, "B L C"]:
+    """y[:, t, c] = Σ_{s ≤ t} k[c, s]·u[:, t − s, c], by FFT of length ≥ 2L (no wrap-around), in float32."""
+    L = u.shape[1]
+    n = fft_len(2 * L)
+    U = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)  # (B, n/2+1, C)
+    Kf = jnp.fft.rfft(k.astype(jnp.float32), n=n, axis=-1)  # (C, n/2+1)
+    return jnp.fft.irfft(U * Kf.T[None], n=n, axis=1)[:, :L]
+
+
+def causal_direct_conv(u: Float[Array, "B L C"], k: Float[Array, "C L"]) -> Float[Array, "B L C"]:
+    """Oracle: the same convolution as an explicit lower-triangular Toeplitz product."""
+    L = u.shape[1]
+    t = jnp.arange(L)
+    lag = t[:, None] - t[None, :]  # (L, L): t − s
+    T = jnp.where(lag[None] >= 0, k[:, jnp.clip(lag, 0, L - 1)], 0.0)  # (C, L, L)
+    return jnp.einsum("cts,bsc->btc", T, u.astype(jnp.float32))
+
+
+def multi_filter_fft_conv(u: Float[Array, "B L H"], k: Float[Array, "F H Lk"]) -> Float[Array, "B L F H"]:
+    """Causal convolution of each channel with F kernels; one FFT of u shared by all filters."""
+    B, L, H = u.shape
+    F, _, Lk = k.shape
+    if Lk < L:
+        k = jnp.pad(k, ((0, 0), (0, 0), (0, L - Lk)))
+    k = k[..., :L]
+    n = fft_len(2 * L)
+    U = jnp.fft.rfft(u.astype(jnp.float32), n=n, axis=1)  # (B, n/2+1, H)
+    Kf = jnp.fft.rfft(k.astype(jnp.float32), n=n, axis=-1)  # (F, H, n/2+1)
+    Y = U[:, :, None, :] * jnp.moveaxis(Kf, -1, 0)[None]  # (B, n/2+1, F, H)
+    return jnp.fft.irfft(Y, n=n, axis=1)[:, :L]
+
+
+def fft_flops(n: int) -> float:
+    """The usual estimate for one real FFT of length n: 2.5·n·log2(n)."""
+    return 2.5 * n * math.log2(max(n, 2))
+
+
+def ssm_output(y: Float[Array, "B L F H"], u: Float[Array, "B L H"], D: Float[Array, "F H"],
+               w_out: Float[Array, "H H"], b_out: Float[Array, "H"], dtype, *, dropout: float = 0.0,
+               key=None):
+    """The SSM sublayer's output: gelu(y + D·u), dropout, then a position-wise linear map
+    (shared by the filters). Returns (B, L, H) for one filter, (B, L, F, H) for several."""
+    y = y + D[None, None].astype(jnp.float32) * u.astype(jnp.float32)[:, :, None, :]
+    y = jax.nn.gelu(y).astype(dtype)
+    if dropout > 0 and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, y.shape)
+        y = jnp.where(keep, y / (1.0 - dropout), 0).astype(dtype)
+    y = y @ w_out.T.astype(dtype) + b_out.astype(dtype)
+    return y[:, :, 0] if y.shape[2] == 1 else y
+
+
+def ssm_common_flops(F: int, H: int, L: int) -> float:
+    """Per-token FLOPs of what every FFT-convolution SSM does besides making its kernel:
+    FFT of the input (shared by filters), F kernel FFTs and F inverse FFTs, the complex products,
+    the skip term, gelu and the output projection."""
+    n = fft_len(2 * L)
+    ffts = (1 + 2 * F) * H * fft_flops(n) / L
+    products = 6.0 * F * H * (n // 2 + 1) / L
+    pointwise = F * H * (2 + 8)  # skip (mul+add) and gelu (≈ 8 as XLA counts the tanh form)
+    proj = F * (2 * H * H + H)
+    return ffts + products + pointwise + proj

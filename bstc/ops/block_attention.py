@@ -1,0 +1,191 @@
+"""`block_attention`: the Block Transformer sublayer of the Block-State Transformer.
+
+The sequence is split into L/W blocks of `window` tokens. Each block's queries attend causally
+within the block and fully to a set of S context vectors; with no context edge it is plain
+block-local attention. Keys and values of the context come from the same K/V projections as
+the tokens'. Context variants (Pal et al. 2023, §3), given by the edge `context: ssm -> V`:
+
+* `sh` — single head: the context of block k is the SSM output Y (B, L, D) over block k−1
+  (S = W vectors), shared by all heads; block 0 gets a learned (W, D) context (or zeros).
+* `mh` — multi head: the SSM has F = H filters, Y (B, L, H, D); head h of block k attends to
+  filter h's outputs over block k−1, projected by K/V and sliced to head h (S = W per head).
+* `mf` — multi filter: the SSM has F = S filters, Y (B, L, S, D); the context of block k is the
+  last SSM output before the block (position k·W − 1) of each filter, plus learned context IDs
+  (S, D); block 0 gets a learned (S, D) context.
+
+Positions: RoPE with absolute token positions on queries and block keys (so scores depend on the
+distance within the block); context keys carry no rotation — they summarise the past as a set.
+"""
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from bstc.ops._attention import apply_rope, blockwise_attention
+from bstc.ops.base import Op, Param, Problem, register
+
+SOFTMAX_FLOPS = 5.0  # per logit: scale, mask select, max-subtract, exp, normalise
+
+
+class BlockAttentionLayer(eqx.Module):
+    wq: Float[Array, "D D"]
+    wk: Float[Array, "D D"]
+    wv: Float[Array, "D D"]
+    wo: Float[Array, "D D"]
+    ctx_first: Float[Array, "S D"] | None  # block 0's learned context
+    ctx_ids: Float[Array, "S D"] | None  # MF: learned context IDs
+    window: int = eqx.field(static=True)
+    heads: int = eqx.field(static=True)
+    rope: bool = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    variant: str | None = eqx.field(static=True)
+    n_context: int = eqx.field(static=True)
+
+    def _proj(self, x, w):
+        B, L, D = x.shape
+        return (x @ w.astype(x.dtype)).reshape(B, L, self.heads, D // self.heads)
+
+    def context_vectors(self, y, B: int, nb: int, dtype):
+        """The context set of every block, before projection: (B, nb, S, D) or, for mh, (B, nb, W, H, D)."""
+        W = self.window
+        first = self.ctx_first if self.ctx_first is not None else jnp.zeros((self.n_context, self._d()), dtype)
+        first = first.astype(dtype)
+        if self.variant == "sh":
+            prev = y.reshape(B, nb, W, -1)[:, :-1]  # block k−1 for k ≥ 1
+            return jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), prev.astype(dtype)], axis=1)
+        if self.variant == "mh":
+            H = self.heads
+            prev = y.reshape(B, nb, W, H, -1)[:, :-1]
+            first_h = jnp.broadcast_to(first[:, None, :], (W, H, first.shape[-1]))
+            return jnp.concatenate([jnp.broadcast_to(first_h, (B, 1) + first_h.shape), prev.astype(dtype)], axis=1)
+        if self.variant == "mf":
+            last = y[:, W - 1::W][:, :-1]  # (B, nb−1, S, D): last output before blocks 1..nb−1
+            ctx = jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), last.astype(dtype)], axis=1)
+            return ctx + self.ctx_ids.astype(dtype)[None, None]
+        raise ValueError(self.variant)
+
+    def _d(self):
+        return self.wq.shape[0]
+
+    def __call__(self, x: Float[Array, "B L D"], *, context=None, key=None) -> Float[Array, "B L D"]:
+        B, L, D = x.shape
+        W, H = self.window, self.heads
+        dh, nb = D // H, L // W
+        q, k, v = self._proj(x, self.wq), self._proj(x, self.wk), self._proj(x, self.wv)
+        if self.rope:
+            pos = jnp.arange(L)
+            q, k = apply_rope(q, pos), apply_rope(k, pos)
+        ck = cv = None
+        if self.variant is not None:
+            if context is None:
+                raise ValueError("this block_attention expects a context (its edge's source output)")
+            c = self.context_vectors(context, B, nb, x.dtype)
+            if self.variant == "mh":  # (B, nb, W, H, D): each head projects its own filter's states
+                wk = self.wk.astype(x.dtype).reshape(D, H, dh)
+                wv = self.wv.astype(x.dtype).reshape(D, H, dh)
+                ck = jnp.einsum("bnwhd,dhe->bnwhe", c, wk)
+                cv = jnp.einsum("bnwhd,dhe->bnwhe", c, wv)
+            else:  # (B, nb, S, D) shared by all heads
+                ck = (c @ self.wk.astype(x.dtype)).reshape(B, nb, c.shape[2], H, dh)
+                cv = (c @ self.wv.astype(x.dtype)).reshape(B, nb, c.shape[2], H, dh)
+        o = blockwise_attention(q, k, v, W, ck, cv).reshape(B, L, D)
+        o = o @ self.wo.astype(x.dtype)
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, o.shape)
+            o = jnp.where(keep, o / (1.0 - self.dropout), 0).astype(x.dtype)
+        return o
+
+
+def _heads(args, dims) -> int:
+    return args["heads"] or dims.heads
+
+
+def _n_context(args, dims, context) -> int:
+    if context is None:
+        return 0
+    return context.filters if context.variant == "mf" else args["window"]
+
+
+@register
+class BlockAttention(Op):
+    kind = "block_attention"
+    role = "attn"
+    accepts_context = True
+    doc = "causal attention within blocks of `window` tokens, plus full attention to a context set"
+    params = (
+        Param("window", int, doc="W: block length; must divide seq_len", min=1),
+        Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
+        Param("rope", bool, True, doc="rotary positions on queries and block keys"),
+        Param("dropout", float, 0.0, min=0.0, max=0.99),
+        Param("first_context", str, "learned", choices=("learned", "zero"), doc="block 0's context"),
+    )
+
+    def check(self, args, dims, context):
+        out = []
+        H = _heads(args, dims)
+        if dims.seq_len % args["window"]:
+            out.append(Problem(f"seq_len ({dims.seq_len}) is not divisible by window ({args['window']})", "window",
+                               "the sequence is split into blocks of `window` tokens"))
+        if dims.d_model % H:
+            out.append(Problem(f"d_model ({dims.d_model}) is not divisible by heads ({H})", "heads" if args["heads"] else None))
+        elif args["rope"] and (dims.d_model // H) % 2:
+            out.append(Problem(f"rope needs an even head width, got d_model/heads = {dims.d_model // H}", "rope",
+                               "use `rope: false` or change heads"))
+        if context is not None:
+            F = context.filters
+            if context.variant == "sh" and F != 1:
+                out.append(Problem(f"context variant 'sh' needs a source with 1 filter, but it has {F}", "context",
+                                   "use `-> mf` for several filters, or give the source `filters: 1`"))
+            elif context.variant == "mh" and F != H:
+                out.append(Problem(f"context variant 'mh' needs one source filter per head ({H}), but the source has {F}",
+                                   "context", f"give the source `filters: {H}` (= heads)"))
+            elif context.variant == "mf" and F < 2:
+                out.append(Problem(f"context variant 'mf' needs a source with several filters, but it has {F}", "context",
+                                   "give the source e.g. `filters: 16` (S context vectors per block)"))
+        return out
+
+    def param_count(self, args, dims, context):
+        D = dims.d_model
+        S = _n_context(args, dims, context)
+        n = 4 * D * D
+        if context is not None and args["first_context"] == "learned":
+            n += S * D
+        if context is not None and context.variant == "mf":
+            n += S * D
+        return n
+
+    def flops_per_token(self, args, dims, context):
+        D, W, H = dims.d_model, args["window"], _heads(args, dims)
+        S = _n_context(args, dims, context)
+        proj = 4 * 2 * D * D  # q, k, v, o
+        if context is not None:  # K/V of the context: S vectors per block of W tokens
+            proj += 2 * 2 * D * D * S / W
+        scores = 2 * 2 * D * (S + W)  # q·k and w·v over S + W keys
+        softmax = SOFTMAX_FLOPS * H * (S + W)
+        rope = 6.0 * D if args["rope"] else 0.0
+        return proj + scores + softmax + rope
+
+    def activation_bytes_per_token(self, args, dims, context):
+        itemsize = 2 if dims.dtype == "bfloat16" else 4
+        S = _n_context(args, dims, context)
+        H = _heads(args, dims)
+        return (5 * dims.d_model) * itemsize + H * (S + args["window"]) * 4
+
+    def build(self, args, dims, context, *, key):
+        D = dims.d_model
+        H = _heads(args, dims)
+        ks = jax.random.split(key, 6)
+        init = lambda k: jax.random.normal(k, (D, D)) / jnp.sqrt(D)  # noqa: E731
+        S = _n_context(args, dims, context)
+        variant = context.variant if context is not None else None
+        first = ids = None
+        if context is not None and args["first_context"] == "learned":
+            first = jax.random.normal(ks[4], (S, D)) * 0.02
+        if variant == "mf":
+            ids = jax.random.normal(ks[5], (S, D)) * 0.02
+        return BlockAttentionLayer(wq=init(ks[0]), wk=init(ks[1]), wv=init(ks[2]), wo=init(ks[3]) / jnp.sqrt(2.0),
+                                   ctx_first=first, ctx_ids=ids, window=int(args["window"]), heads=H,
+                                   rope=bool(args["rope"]), dropout=float(args["dropout"]), variant=variant,
+                                   n_context=S)

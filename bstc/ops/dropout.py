@@ -1,0 +1,35 @@
+"""`dropout`: zero activations at random while training (active only when a key is given)."""
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+
+from bstc.ops.base import Op, Param, register
+
+
+class DropoutLayer(eqx.Module):
+    rate: float = eqx.field(static=True)
+
+    def __call__(self, x, *, context=None, key=None):
+        if key is None or self.rate == 0:
+            return x
+        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
+        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+
+
+@register
+class Dropout(Op):
+    kind = "dropout"
+    role = "other"
+    doc = "dropout"
+    params = (Param("rate", float, 0.1, min=0.0, max=0.99),)
+
+    def param_count(self, args, dims, context):
+        return 0
+
+    def flops_per_token(self, args, dims, context):
+        return 2.0 * dims.d_model
+
+    def build(self, args, dims, context, *, key):
+        return DropoutLayer(float(args["rate"]))

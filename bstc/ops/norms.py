@@ -1,0 +1,65 @@
+"""`rms_norm` and `layer_norm` over the model width, computed in float32."""
+from __future__ import annotations
+
+import equinox as eqx
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from bstc.ops.base import Op, Param, register
+
+
+class RMSNormLayer(eqx.Module):
+    weight: Float[Array, "D"]
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x, *, context=None, key=None):
+        xf = x.astype(jnp.float32)
+        y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
+        return (y * self.weight.astype(jnp.float32)).astype(x.dtype)
+
+
+class LayerNormLayer(eqx.Module):
+    weight: Float[Array, "D"]
+    bias: Float[Array, "D"]
+    eps: float = eqx.field(static=True)
+
+    def __call__(self, x, *, context=None, key=None):
+        xf = x.astype(jnp.float32)
+        mu = xf.mean(-1, keepdims=True)
+        var = ((xf - mu) ** 2).mean(-1, keepdims=True)
+        y = (xf - mu) / jnp.sqrt(var + self.eps)
+        return (y * self.weight.astype(jnp.float32) + self.bias.astype(jnp.float32)).astype(x.dtype)
+
+
+@register
+class RMSNorm(Op):
+    kind = "rms_norm"
+    role = "norm"
+    doc = "RMS normalisation with a learned scale"
+    params = (Param("eps", float, 1e-6, min=0.0),)
+
+    def param_count(self, args, dims, context):
+        return dims.d_model
+
+    def flops_per_token(self, args, dims, context):
+        return 4.0 * dims.d_model
+
+    def build(self, args, dims, context, *, key):
+        return RMSNormLayer(jnp.ones((dims.d_model,)), float(args["eps"]))
+
+
+@register
+class LayerNorm(Op):
+    kind = "layer_norm"
+    role = "norm"
+    doc = "layer normalisation with learned scale and bias"
+    params = (Param("eps", float, 1e-6, min=0.0),)
+
+    def param_count(self, args, dims, context):
+        return 2 * dims.d_model
+
+    def flops_per_token(self, args, dims, context):
+        return 7.0 * dims.d_model
+
+    def build(self, args, dims, context, *, key):
+        return LayerNormLayer(jnp.ones((dims.d_model,)), jnp.zeros((dims.d_model,)), float(args["eps"]))

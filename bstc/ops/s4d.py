@@ -1,0 +1,89 @@
+"""`s4d`: the diagonal state-space layer (S4D), a context source for Block-State Transformers.
+
+Output: gelu(K * u + D·u) followed by a position-wise linear map, where K is the S4D kernel of
+each channel (see _ssm.py) and * is a causal FFT convolution over the whole sequence. With
+`filters: F > 1` every channel has F output sets (F complex C vectors and skip terms sharing one
+A and dt), giving (B, L, F, D): the multi-head / multi-filter context of BST-MH and BST-MF.
+"""
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+from bstc.ops import _ssm
+from bstc.ops.base import Op, Param, Problem, register
+
+
+class S4DLayer(eqx.Module):
+    log_dt: Float[Array, "H"]
+    log_A_re: Float[Array, "H N2"]
+    A_im: Float[Array, "H N2"]
+    C: Float[Array, "F H N2 2"]
+    D: Float[Array, "F H"]
+    w_out: Float[Array, "H H"]
+    b_out: Float[Array, "H"]
+    dropout: float = eqx.field(static=True)
+
+    def kernel(self, length: int) -> Float[Array, "F H L"]:
+        return _ssm.s4d_kernel(self.log_dt, self.log_A_re, self.A_im, self.C, length)
+
+    def __call__(self, x: Float[Array, "B L H"], *, context=None, key=None):
+        k = self.kernel(x.shape[1])
+        y = _ssm.multi_filter_fft_conv(x, k)  # (B, L, F, H), float32
+        return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
+
+    def recurrent_form(self):
+        """(dA, C', D) for decoding one token at a time with `_ssm.s4d_step` (state of shape (F, H, N2))."""
+        _, Cp, dA = _ssm.discretize(self.log_dt, self.log_A_re, self.A_im, self.C)
+        return dA, Cp, self.D
+
+
+@register
+class S4D(Op):
+    kind = "s4d"
+    role = "ssm"
+    context_source = True
+    doc = "diagonal state-space layer (S4D), causal FFT convolution over the whole sequence"
+    params = (
+        Param("state", int, 64, min=2, doc="N: state size (N/2 complex modes); even"),
+        Param("filters", int, 1, min=1, doc="F: output sets per channel (MH: = heads, MF: S)"),
+        Param("init", str, "lin", choices=("lin", "inv"), doc="S4D-Lin or S4D-Inv imaginary parts"),
+        Param("dt_min", float, 1e-3, min=1e-6, doc="smallest initial step"),
+        Param("dt_max", float, 1e-1, min=1e-6, doc="largest initial step"),
+        Param("dropout", float, 0.0, min=0.0, max=0.99),
+    )
+
+    def check(self, args, dims, context):
+        out = []
+        if args["state"] % 2:
+            out.append(Problem(f"s4d state must be even (N/2 complex modes), got {args['state']}", "state",
+                               f"try state: {args['state'] + 1}"))
+        if args["dt_min"] > args["dt_max"]:
+            out.append(Problem("dt_min must not exceed dt_max", "dt_min"))
+        return out
+
+    def param_count(self, args, dims, context):
+        H, n2, F = dims.d_model, args["state"] // 2, args["filters"]
+        return H + 2 * H * n2 + F * H * n2 * 2 + F * H + H * H + H
+
+    def flops_per_token(self, args, dims, context):
+        H, n2, F, L = dims.d_model, args["state"] // 2, args["filters"], dims.seq_len
+        # Kernel generation happens once per sequence: a complex (F·H, L2, N2)×(N2, L1) matmul
+        # (8 real flops per complex multiply-add) plus the exponentials; spread over L tokens.
+        kernel = 8.0 * F * H * n2 + 12.0 * H * n2 * (F + 1) / max(1, int(L ** 0.5))
+        return kernel + _ssm.ssm_common_flops(F, H, L)
+
+    def activation_bytes_per_token(self, args, dims, context):
+        return 4 * dims.d_model * args["filters"] * 4 + 2 * dims.d_model * 4  # f32 FFT buffers
+
+    def build(self, args, dims, context, *, key):
+        H, F = dims.d_model, args["filters"]
+        k_ssm, k_d, k_w = jax.random.split(key, 3)
+        log_dt, log_A_re, A_im, C = _ssm.s4d_init(k_ssm, H, args["state"], args["init"], args["dt_min"],
+                                                  args["dt_max"], filters=F)
+        return S4DLayer(log_dt=log_dt, log_A_re=log_A_re, A_im=A_im, C=C,
+                        D=jax.random.normal(k_d, (F, H)),
+                        w_out=jax.random.normal(k_w, (H, H)) / jnp.sqrt(H),
+                        b_out=jnp.zeros((H,)), dropout=float(args["dropout"]))
