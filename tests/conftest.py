@@ -8,7 +8,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 
-TINY = dict(d_model=32, heads=2, window=16, seq_len=64, mlp_hidden=64, ssm_state=8, context_states=4,
+TINY = dict(groups=1, d_model=32, heads=2, window=16, seq_len=64, mlp_hidden=64, ssm_state=8, context_states=4,
             memory=16, state_vectors=16)
 
 

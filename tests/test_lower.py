@@ -81,7 +81,7 @@ def test_zoo_gradient_step_reduces_loss(path):
 
 def test_scan_equals_unrolled():
     path = zoo.resolve("bst_sh_s4")
-    m = bstc.parse(path, overrides=tiny_overrides(path))
+    m = bstc.parse(path, overrides=tiny_overrides(path, groups=2))
     a = lower(m, key=jax.random.key(4), scan=True)
     b = lower(m, key=jax.random.key(4), scan=False)
     assert any(isinstance(s, Scanned) for s in a.stages)
@@ -97,6 +97,8 @@ def test_scan_equals_unrolled():
 def test_plan_finds_repeating_units():
     path = zoo.resolve("bst_sh_s4")
     m = bstc.parse(path, overrides=tiny_overrides(path))
+    assert plan_stages(m.layers) == [("single", 0, 1, 1), ("single", 1, 1, 1), ("scan", 2, 1, 2)]
+    m = bstc.parse(path, overrides=tiny_overrides(path, groups=3))
     assert plan_stages(m.layers) == [("scan", 0, 4, 3)]  # repeat 3 { local; bst; local; local }
     assert all(k == "single" for k, *_ in plan_stages(m.layers, scan=False))
 
@@ -123,19 +125,19 @@ def _compile_seconds(depth: int) -> float:
     model = bstc.load(DEPTH_MODEL, key=jax.random.key(0), overrides={"depth": depth})
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
-    def loss(p, toks):
-        return eqx.combine(p, static)(toks).mean()
+    def forward(p, toks):
+        return eqx.combine(p, static)(toks)
 
     toks = jax.ShapeDtypeStruct((2, 64), jnp.int32)
     t0 = time.perf_counter()
-    jax.jit(jax.grad(loss)).lower(params, toks).compile()
+    jax.jit(forward).lower(params, toks).compile()
     return time.perf_counter() - t0
 
 
 def test_compile_time_nearly_flat_in_depth():
     _compile_seconds(2)  # warm up tracing caches
     t6 = min(_compile_seconds(6) for _ in range(2))
-    t24 = min(_compile_seconds(24) for _ in range(2))
+    t24 = _compile_seconds(24)
     assert t24 < 1.5 * t6 + 0.5, (t6, t24)
 
 
