@@ -18,6 +18,29 @@ from bstc.errors import BstcError
 from bstc.runtime.errors import Interrupted, RunError, UsageError
 
 
+def enable_compilation_cache() -> None:
+    """Persist XLA executables across runs (~/.cache/bstc/jax): a resumed run, `bstc eval` and
+    the next `bstc train` of the same model skip most compilation. BSTC_JAX_CACHE=off disables it,
+    BSTC_JAX_CACHE=DIR moves it."""
+    import os
+
+    where = os.environ.get("BSTC_JAX_CACHE", "")
+    if where.lower() in ("0", "off", "no", "false"):
+        return
+    if not where:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        where = os.path.join(base, "bstc", "jax")
+    try:
+        import jax
+
+        os.makedirs(where, exist_ok=True)
+        jax.config.update("jax_compilation_cache_dir", where)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    except Exception:  # noqa: BLE001 - a cache is an optimisation, never a failure
+        pass
+
+
 def _errors(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -81,6 +104,7 @@ def train(
     from bstc.runtime.config import RunConfig, parse_sets
     from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
 
+    enable_compilation_cache()
     sets = parse_sets(set_)
     flags = dict(model=model, data=data, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
@@ -143,6 +167,7 @@ def eval_cmd(
     """Loss, perplexity and bits per byte at several lengths, plus a per-position loss curve (PNG + JSON)."""
     from bstc.runtime.evaluator import evaluate
 
+    enable_compilation_cache()
     evaluate(run_dir or _latest_run(), split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
 
 

@@ -249,14 +249,18 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
 
     tx = make_optimizer(cfg)
     state = init_state(spec, cfg, tx)
-    write_run_files(run_dir, cfg, spec)
     ckpt = Checkpointer(ckpt_dir, keep=cfg.keep)
     meta = dict(fingerprint=spec.fingerprint, seq_len=seq_len)
 
     start = 0
     if resume and ckpt.latest() is not None:
-        state, _ = ckpt.restore(ckpt.latest(), state, data_iter, spec.fingerprint)
+        try:
+            state, _ = ckpt.restore(ckpt.latest(), state, data_iter, spec.fingerprint)
+        except BaseException:
+            ckpt.close()
+            raise
         start = int(state.step)
+    write_run_files(run_dir, cfg, spec)  # only now: a refused resume leaves the run as it was
     step_fn = make_train_step(tx, cfg, lr_multipliers(state.model), nan_at_step)
 
     bar = ProgressBar(cfg.steps, start, enabled=progress)

@@ -20,7 +20,6 @@ ROOT = Path(__file__).resolve().parent.parent
 # A BST-SH small enough for seconds on a CPU: the zoo file with the conftest's TINY-like sizes.
 SMALL = ["--set", "d_model=32", "--set", "heads=2", "--set", "seq_len=64", "--set", "window=16",
          "--set", "ssm_state=8"]
-SMALL_DICT = dict(d_model=32, heads=2, seq_len=64, window=16, ssm_state=8)
 
 
 def _zoo_lowers() -> bool:
@@ -42,18 +41,52 @@ def bstc(*args, timeout=300, **kw):
                           cwd=kw.pop("cwd", ROOT), env=env, timeout=timeout, **kw)
 
 
+SMALL_BST = """
+model small_bst {
+  vocab = 256
+  d_model = 32
+  heads = 2
+  window = 16
+  seq_len = 64
+  block local {
+    attn = block_attention(window: window)
+    mlp  = mlp(hidden: 2 * d_model, act: gelu)
+  }
+  block bst(context = sh) {
+    ssm  = s4d(state: 8)
+    attn = block_attention(window: window, context: ssm -> context)
+    mlp  = mlp(hidden: 2 * d_model, act: gelu)
+  }
+  layers {
+    embed
+    bst
+    local
+    norm rms
+    head untied
+  }
+}
+"""
+
+
 def test_loss_falls_on_the_default_corpus_with_a_tiny_bst(tmp_path):
-    spec = spec_from_file(resolve_model("bst_sh_s4"), SMALL_DICT)
-    r = train(RunConfig(steps=30, batch=8, lr=3e-3, eval_every=0, ckpt_every=30), tmp_path / "r",
+    f = tmp_path / "small_bst.bst"
+    f.write_text(SMALL_BST)
+    spec = spec_from_file(f, {})
+    r = train(RunConfig(steps=40, batch=8, lr=3e-3, eval_every=20, ckpt_every=40), tmp_path / "r",
               spec, progress=False, plot=False, tensorboard=False)
     losses = list(r.losses.values())
-    assert np.mean(losses[:3]) > np.log(256) - 0.5
-    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5
+    assert np.mean(losses[:3]) > np.log(256) - 0.5           # starts near uniform over bytes
+    assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5  # learns the byte statistics of code
+    val = [x["loss"] for x in read_metrics(tmp_path / "r") if x.get("split") == "validation"]
+    assert len(val) == 2 and val[1] < val[0] and val[1] < np.log(256) - 1.5
+    assert (tmp_path / "r" / "model.bst").read_text() == SMALL_BST
 
 
 def test_cli_train_eval_plot_and_resume(tmp_path):
     run = tmp_path / "run"
-    args = ["train", "bst_sh_s4", *SMALL, "--steps", "12", "--batch", "4", "--ckpt-every", "4",
+    model = tmp_path / "small_bst.bst"
+    model.write_text(SMALL_BST)
+    args = ["train", str(model), "--steps", "12", "--batch", "4", "--ckpt-every", "4",
             "--eval-every", "6", "-o", str(run)]
     r = bstc(*args)
     assert r.returncode == 0, r.stderr
@@ -61,7 +94,7 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
         assert (run / f).is_file(), f
     assert sorted(int(p.name) for p in (run / "checkpoints").iterdir()) == [4, 8, 12]
     info = json.loads((run / "run.json").read_text())
-    assert info["overrides"]["d_model"] == 32 and info["seq_len"] == 64
+    assert info["overrides"] == {} and info["seq_len"] == 64 and info["window"] == 16
     first = {x["step"]: x["loss"] for x in read_metrics(run) if x.get("split") == "train"}
     assert sorted(first) == list(range(1, 13))
 
@@ -95,3 +128,17 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not a bstc run directory" in r.stderr and "Traceback" not in r.stderr
     r = bstc("train", *SMALL, "--set", "d_modle=64", "--steps", "1", "-o", str(tmp_path / "x"))
     assert r.returncode == 1 and "d_modle" in r.stderr and "Traceback" not in r.stderr
+
+
+@pytest.mark.slow
+def test_the_readme_first_command_on_the_zoo_default(tmp_path):
+    """`bstc train` (the zoo's bst_sh_s4 with the tiny preset), shortened, then `bstc eval`."""
+    r = bstc("train", "--steps", "3", "--batch", "2", "--eval-every", "0", timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    (run,) = list((tmp_path / "runs").iterdir())
+    assert run.name.startswith("bst_sh_s4-")
+    info = json.loads((run / "run.json").read_text())
+    assert info["overrides"]["d_model"] == 128 and info["seq_len"] == 256
+    r = bstc("eval", "--lengths", "256,512", "--max-tokens", "1024", timeout=900, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "bits/byte" in r.stdout and "512" in r.stdout
