@@ -1,18 +1,19 @@
 """The model zoo shipped with bstc (models/*.bst, models/*.yaml)."""
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
+
+_HERE = Path(__file__).resolve().parent
+
+
+def package_data_dir(name: str) -> Path:
+    """`bstc/<name>` in an installed wheel, `<repo>/<name>` in a source checkout."""
+    installed = _HERE / name
+    return installed if installed.is_dir() else _HERE.parent / name
 
 
 def models_dir() -> Path:
-    try:
-        d = Path(str(resources.files("bstc.models")))
-        if d.is_dir() and any(d.glob("*.bst")):
-            return d
-    except (ModuleNotFoundError, TypeError):
-        pass
-    return Path(__file__).resolve().parent.parent / "models"
+    return package_data_dir("models")
 
 
 def list_models() -> list[Path]:
