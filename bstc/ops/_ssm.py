@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
@@ -49,20 +50,30 @@ def discretize(log_dt, log_A_re, A_im, C) -> tuple[Complex[Array, "H N2"], Compl
     return dtA, Cc * dB[None], dA
 
 
-def s4d_kernel(log_dt, log_A_re, A_im, C, length: int) -> Float[Array, "F H L"]:
-    """K[f, h, l] for l < length, without materialising the (H, N2, L) Vandermonde tensor.
+def factor_length(length: int) -> tuple[int, int]:
+    """(L1, L2) with L1 = ⌈√length⌉ and L1·L2 ≥ length: the two sides of s4d_kernel's factorisation."""
+    L1 = math.isqrt(length - 1) + 1 if length > 1 else 1
+    return L1, -(-length // L1)
 
-    Factor l = a·L1 + b (0 ≤ b < L1, 0 ≤ a < L2): dA^l = (dA^{L1})^a · dA^b, so
-    K[f, h, a, b] = 2·Re Σ_n (C'_n · exp(a·L1·dtA_n)) · exp(b·dtA_n) — one batched complex matmul of
-    (F·H, L2, N2) by (H, N2, L1): the big intermediate is O(H·N2·(L1 + L2)) instead of O(H·N2·L)."""
+
+def s4d_kernel(log_dt: Float[Array, "H"], log_A_re: Float[Array, "H N2"], A_im: Float[Array, "H N2"],
+               C: Float[Array, "F H N2 2"], length: int) -> Float[Array, "F H L"]:
+    """K[f, h, l] = 2·Re Σ_n C'[f, h, n]·dA[h, n]^l for l < length, in float32, without materialising
+    the (H, N2, L) Vandermonde tensor.
+
+    Factor l = a·L1 + b (0 ≤ b < L1, 0 ≤ a < L2, L1 ≈ √L): dA^l = exp(a·L1·dtA)·exp(b·dtA), so
+    K[f, h, a, b] = 2·Re Σ_n (C'[f, h, n]·exp(a·L1·dtA[h, n]))·exp(b·dtA[h, n]): one batched
+    complex matmul (H batches of (F·L2, N2) @ (N2, L1)). The intermediates are
+    O(H·N2·(F·L2 + L1)) instead of O(H·N2·L); exponents are formed as products with integer
+    offsets (not by repeated multiplication), so rounding does not compound along l."""
     dtA, Cp, _ = discretize(log_dt, log_A_re, A_im, C)
-    L1 = max(1, math.isqrt(length - 1) + 1) if length > 1 else 1
-    L2 = -(-length // L1)
+    L1, L2 = factor_length(length)
     a = jnp.arange(L2, dtype=jnp.float32) * L1
     b = jnp.arange(L1, dtype=jnp.float32)
-    outer = Cp[:, :, None, :] * jnp.exp(dtA[None, :, None, :] * a[None, None, :, None])  # (F, H, L2, N2)
+    outer = jnp.exp(dtA[:, None, :] * a[None, :, None])  # (H, L2, N2): shared by the F filters
     inner = jnp.exp(dtA[:, :, None] * b[None, None, :])  # (H, N2, L1)
-    K = jnp.einsum("fhan,hnb->fhab", outer, inner)  # (F, H, L2, L1)
+    lhs = Cp[:, :, None, :] * outer[None]  # (F, H, L2, N2)
+    K = jnp.einsum("fhan,hnb->fhab", lhs, inner)  # (F, H, L2, L1)
     K = 2.0 * K.real.reshape(K.shape[0], K.shape[1], L2 * L1)
     return K[..., :length]
 
@@ -74,6 +85,15 @@ def s4d_kernel_vandermonde(log_dt, log_A_re, A_im, C, length: int) -> Float[Arra
     return 2.0 * jnp.einsum("fhn,hnl->fhl", Cp, V).real
 
 
+def zoh(log_dt: Float[Array, "H"], log_A_re: Float[Array, "H N2"], A_im: Float[Array, "H N2"]
+        ) -> tuple[Complex[Array, "H N2"], Complex[Array, "H N2"]]:
+    """Zero-order hold with B = 1: (dA, dB) = (exp(dt·A), (exp(dt·A) − 1)/A), complex64."""
+    log_dt, log_A_re, A_im = (jnp.asarray(t, jnp.float32) for t in (log_dt, log_A_re, A_im))
+    A = -jnp.exp(log_A_re) + 1j * A_im  # (H, N2)
+    dA = jnp.exp(jnp.exp(log_dt)[:, None] * A)
+    return dA, (dA - 1.0) / A
+
+
 def s4d_step(dA, dB_C, state, u_t):
     """One recurrent step for all channels: state (F?, H, N2) complex, u_t (H,) → (state, y_t).
 
@@ -83,17 +103,45 @@ def s4d_step(dA, dB_C, state, u_t):
     return state, y
 
 
-def s4d_recurrence(log_dt, log_A_re, A_im, C, u: Float[Array, "L H"]) -> Float[Array, "F L H"]:
-    """Oracle: run the recurrence x_t = dA x_{t−1} + dB u_t, y_t = 2 Re(C x_t) step by step."""
-    _, Cp, dA = discretize(log_dt, log_A_re, A_im, C)
-    state0 = jnp.zeros(dA.shape, jnp.complex64)
+class S4DRecurrence(eqx.Module):
+    """The S4D convolution as a recurrence, for decoding one token at a time:
 
-    def step(state, u_t):
-        state, y = s4d_step(dA, Cp, state, u_t.astype(jnp.float32))
+        x_t = dA ⊙ x_{t−1} + dB·u_t          (state x: (B, H, N2) complex64, shared by the filters)
+        y_t[f] = 2·Re Σ_n C[f]·x_t + D[f]·u_t
+
+    It equals `causal_fft_conv(u, s4d_kernel(...)) + D·u` (the layer before gelu/output linear).
+    Built by `S4DLayer.recurrence()`; everything in float32 / complex64."""
+
+    dA: Complex[Array, "H N2"]
+    dB: Complex[Array, "H N2"]
+    C: Complex[Array, "F H N2"]
+    D: Float[Array, "F H"]
+
+    @staticmethod
+    def from_params(log_dt, log_A_re, A_im, C: Float[Array, "F H N2 2"], D: Float[Array, "F H"]) -> "S4DRecurrence":
+        dA, dB = zoh(log_dt, log_A_re, A_im)
+        C = jnp.asarray(C, jnp.float32)
+        return S4DRecurrence(dA, dB, C[..., 0] + 1j * C[..., 1], jnp.asarray(D, jnp.float32))
+
+    def init_state(self, batch: int) -> Complex[Array, "B H N2"]:
+        return jnp.zeros((batch,) + self.dA.shape, jnp.complex64)
+
+    def step(self, state: Complex[Array, "B H N2"], u_t: Float[Array, "B H"]
+             ) -> tuple[Complex[Array, "B H N2"], Float[Array, "B F H"]]:
+        u = u_t.astype(jnp.float32)
+        state = self.dA * state + self.dB * u[..., None]  # (B, H, N2)
+        y = 2.0 * jnp.einsum("fhn,bhn->bfh", self.C, state).real + self.D * u[:, None, :]
         return state, y
 
-    _, ys = jax.lax.scan(step, state0, u)  # ys (L, F, H)
-    return jnp.moveaxis(ys, 1, 0)
+
+def s4d_recurrence(log_dt, log_A_re, A_im, C, u: Float[Array, "L H"]) -> Float[Array, "F L H"]:
+    """Oracle: x_t = dA·x_{t−1} + dB·u_t, y_t = 2·Re(C·x_t), step by step with `lax.scan` (no skip term).
+
+    Written with dB explicit (not folded into C as in s4d_kernel), so it checks the folding too."""
+    F = C.shape[0]
+    rec = S4DRecurrence.from_params(log_dt, log_A_re, A_im, C, jnp.zeros((F, C.shape[1])))
+    _, ys = jax.lax.scan(lambda x, u_t: rec.step(x, u_t[None]), rec.init_state(1), u)  # ys (L, 1, F, H)
+    return jnp.moveaxis(ys[:, 0], 1, 0)
 
 
 def causal_fft_conv(u: Float[Array, "B L C"], k: Float[Array, "C L"]) -> Float[Array, "B L C"]:
@@ -129,22 +177,34 @@ def multi_filter_fft_conv(u: Float[Array, "B L H"], k: Float[Array, "F H Lk"]) -
 
 
 def fft_flops(n: int) -> float:
-    """The usual estimate for one real FFT of length n: 2.5·n·log2(n)."""
+    """FLOPs of one real FFT of length n, per channel: ≈ 2.5·n·log2(n).
+
+    The textbook count is 5·n·log2(n) for a complex FFT of length n; a real FFT of length n is a
+    complex FFT of length n/2 plus O(n) twiddles, i.e. 5·(n/2)·log2(n). Used for the forward
+    rfft of the input, the kernel's rfft and the inverse irfft alike."""
     return 2.5 * n * math.log2(max(n, 2))
+
+
+def ssm_head(y: Float[Array, "B L F H"], w_out: Float[Array, "H H"], b_out: Float[Array, "H"], dtype, *,
+             dropout: float = 0.0, key=None) -> Float[Array, "B L H"] | Float[Array, "B L F H"]:
+    """gelu, dropout, then a position-wise linear map shared by the F filters (the S4 block's
+    output mixing, without its GLU: the context sources feed attention keys/values, which are
+    projected again there). Squeezes the filter axis when F == 1."""
+    y = jax.nn.gelu(y.astype(jnp.float32)).astype(dtype)  # gelu in f32: cheap, and bf16 tanh is coarse
+    if dropout > 0 and key is not None:
+        keep = jax.random.bernoulli(key, 1.0 - dropout, y.shape)
+        y = jnp.where(keep, y / (1.0 - dropout), 0).astype(dtype)
+    y = y @ w_out.T.astype(dtype) + b_out.astype(dtype)  # w_out is (out, in)
+    return y[:, :, 0] if y.shape[2] == 1 else y
 
 
 def ssm_output(y: Float[Array, "B L F H"], u: Float[Array, "B L H"], D: Float[Array, "F H"],
                w_out: Float[Array, "H H"], b_out: Float[Array, "H"], dtype, *, dropout: float = 0.0,
                key=None):
-    """The SSM sublayer's output: gelu(y + D·u), dropout, then a position-wise linear map
-    (shared by the filters). Returns (B, L, H) for one filter, (B, L, F, H) for several."""
+    """The SSM sublayer's output from the convolution y (float32): gelu(y + D·u), dropout, then the
+    output linear (`ssm_head`). Returns (B, L, H) for one filter, (B, L, F, H) for several."""
     y = y + D[None, None].astype(jnp.float32) * u.astype(jnp.float32)[:, :, None, :]
-    y = jax.nn.gelu(y).astype(dtype)
-    if dropout > 0 and key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, y.shape)
-        y = jnp.where(keep, y / (1.0 - dropout), 0).astype(dtype)
-    y = y @ w_out.T.astype(dtype) + b_out.astype(dtype)
-    return y[:, :, 0] if y.shape[2] == 1 else y
+    return ssm_head(y, w_out, b_out, dtype, dropout=dropout, key=key)
 
 
 def ssm_common_flops(F: int, H: int, L: int) -> float:

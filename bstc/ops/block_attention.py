@@ -13,8 +13,11 @@ the tokens'. Context variants (Pal et al. 2023, §3), given by the edge `context
   last SSM output before the block (position k·W − 1) of each filter, plus learned context IDs
   (S, D); block 0 gets a learned (S, D) context.
 
-Positions: RoPE with absolute token positions on queries and block keys (so scores depend on the
-distance within the block); context keys carry no rotation — they summarise the past as a set.
+Positions (`rope: true`): rotary embedding on queries and block keys with the position *within
+the block* (t mod W). Inside a block RoPE is relative, so this equals absolute positions there;
+what it fixes is the context: context keys carry no rotation (they summarise the past as a set),
+so a query–context score depends only on the query's offset in its block, the same in every
+block and at every sequence length (length generalisation, exact block-by-block decoding).
 """
 from __future__ import annotations
 
@@ -75,7 +78,7 @@ class BlockAttentionLayer(eqx.Module):
         dh, nb = D // H, L // W
         q, k, v = self._proj(x, self.wq), self._proj(x, self.wk), self._proj(x, self.wv)
         if self.rope:
-            pos = jnp.arange(L)
+            pos = jnp.arange(L) % W  # position within the block (see the module docstring)
             q, k = apply_rope(q, pos), apply_rope(k, pos)
         ck = cv = None
         if self.variant is not None:
@@ -117,7 +120,7 @@ class BlockAttention(Op):
     params = (
         Param("window", int, doc="W: block length; must divide seq_len", min=1),
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
-        Param("rope", bool, True, doc="rotary positions on queries and block keys"),
+        Param("rope", bool, True, doc="rotary positions (within the block) on queries and block keys"),
         Param("dropout", float, 0.0, min=0.0, max=0.99),
         Param("first_context", str, "learned", choices=("learned", "zero"), doc="block 0's context"),
     )

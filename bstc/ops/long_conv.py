@@ -4,8 +4,15 @@ paper's "unstructured" kernel option.
 
 The kernel k (F, D, Lk) is a free parameter (init randn·0.002), regularised on every use by
 smoothing (an average pool of width `smooth` along the length) and squashing
-(relu(|k| − λ)·sign(k), which drives small entries to exactly zero). It trains with its own
-learning rate: the module carries `lr_multiplier`, which the runtime applies to its updates.
+(relu(|k| − λ)·sign(k), which drives small entries to exactly zero), then convolved with the
+input by FFT in float32. Skip D, gelu and a position-wise output linear follow, as in `s4d`.
+The kernel trains with its own learning rate: its submodule carries `lr_multiplier`, which
+the runtime applies to the kernel's updates (not to the skip or the output linear).
+
+Note on the defaults: with init std 0.002, smoothing by 3 (std → ≈0.0012) and λ = 0.003, only
+~1% of the entries are non-zero at init, and the squash passes no gradient to the others. That
+is the specified behaviour (a sparse kernel that grows where it is useful); for short runs a
+smaller λ (e.g. `lam: 0.001`, ~40% alive) learns faster.
 """
 from __future__ import annotations
 
@@ -31,31 +38,44 @@ def smooth_kernel(k: Float[Array, "... L"], width: int) -> Float[Array, "... L"]
     return sums / counts
 
 
-def squash_kernel(k, lam: float):
+def squash_kernel(k: Float[Array, "..."], lam: float) -> Float[Array, "..."]:
+    """relu(|k| − λ)·sign(k): entries with |k| ≤ λ become exactly 0, the rest shrink towards 0 by λ."""
     return jax.nn.relu(jnp.abs(k) - lam) * jnp.sign(k)
 
 
-class LongConvLayer(eqx.Module):
-    kernel_raw: Float[Array, "F H Lk"]
-    D: Float[Array, "F H"]
-    w_out: Float[Array, "H H"]
-    b_out: Float[Array, "H"]
+class LongConvKernel(eqx.Module):
+    """The explicit kernels and their regularisers. A module of its own so that `lr_multiplier`
+    (read by the runtime for every array leaf under the module that carries it) scales the
+    kernel's updates only, as in Fu et al., not the skip or the output linear."""
+
+    weight: Float[Array, "F H Lk"]
     smooth: int = eqx.field(static=True)
     lam: float = eqx.field(static=True)
-    kernel_dropout: float = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
     lr_multiplier: float = eqx.field(static=True)
 
-    def kernel(self, *, key=None) -> Float[Array, "F H Lk"]:
-        k = squash_kernel(smooth_kernel(self.kernel_raw.astype(jnp.float32), self.smooth), self.lam)
-        if self.kernel_dropout > 0 and key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.kernel_dropout, k.shape)
-            k = jnp.where(keep, k / (1.0 - self.kernel_dropout), 0.0)
+    def __call__(self, *, key=None) -> Float[Array, "F H Lk"]:
+        # smooth, then squash, then dropout (the order of Fu et al.'s reference code); float32
+        k = squash_kernel(smooth_kernel(self.weight.astype(jnp.float32), self.smooth), self.lam)
+        if self.dropout > 0 and key is not None:
+            keep = jax.random.bernoulli(key, 1.0 - self.dropout, k.shape)
+            k = jnp.where(keep, k / (1.0 - self.dropout), 0.0)
         return k
+
+
+class LongConvLayer(eqx.Module):
+    """x (B, L, H) → (B, L, H), or (B, L, F, H) with F filters."""
+
+    kernel: LongConvKernel
+    D: Float[Array, "F H"]  # skip
+    w_out: Float[Array, "H H"]  # (out, in), shared by the filters
+    b_out: Float[Array, "H"]
+    dropout: float = eqx.field(static=True)
 
     def __call__(self, x: Float[Array, "B L H"], *, context=None, key=None):
         k_ker, k_out = jax.random.split(key) if key is not None else (None, None)
-        y = _ssm.multi_filter_fft_conv(x, self.kernel(key=k_ker))  # (B, L, F, H)
+        # Kernels shorter than L are zero-padded (no influence beyond kernel_len); longer ones cut.
+        y = _ssm.multi_filter_fft_conv(x, self.kernel(key=k_ker))  # (B, L, F, H), float32
         return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=k_out)
 
 
@@ -69,10 +89,10 @@ class LongConv(Op):
         Param("filters", int, 1, min=1, doc="F: kernels per channel (MF: S)"),
         Param("kernel_len", int, 0, min=0, doc="kernel length (0 = seq_len); longer inputs see zeros beyond it"),
         Param("smooth", int, 3, min=1, doc="average-pool width applied to the kernel"),
-        Param("lam", float, 0.001, min=0.0, doc="squash threshold λ (below the init scale 0.002, so most entries start alive)"),
+        Param("lam", float, 0.003, min=0.0, doc="squash threshold λ: relu(|k| − λ)·sign(k)"),
         Param("kernel_dropout", float, 0.0, min=0.0, max=0.99),
         Param("dropout", float, 0.0, min=0.0, max=0.99),
-        Param("lr_mult", float, 0.1, min=0.0, doc="learning-rate multiplier of this layer's parameters"),
+        Param("lr_mult", float, 0.1, min=0.0, doc="learning-rate multiplier of the kernel (its own lr group)"),
     )
 
     def _len(self, args, dims) -> int:
@@ -98,10 +118,9 @@ class LongConv(Op):
     def build(self, args, dims, context, *, key):
         H, F = dims.d_model, args["filters"]
         k_k, k_d, k_w = jax.random.split(key, 3)
-        return LongConvLayer(
-            kernel_raw=jax.random.normal(k_k, (F, H, self._len(args, dims))) * 0.002,
-            D=jax.random.normal(k_d, (F, H)),
-            w_out=jax.random.normal(k_w, (H, H)) / jnp.sqrt(H),
-            b_out=jnp.zeros((H,)),
-            smooth=int(args["smooth"]), lam=float(args["lam"]), kernel_dropout=float(args["kernel_dropout"]),
-            dropout=float(args["dropout"]), lr_multiplier=float(args["lr_mult"]))
+        kernel = LongConvKernel(jax.random.normal(k_k, (F, H, self._len(args, dims))) * 0.002,  # Fu et al.'s init
+                                smooth=int(args["smooth"]), lam=float(args["lam"]),
+                                dropout=float(args["kernel_dropout"]), lr_multiplier=float(args["lr_mult"]))
+        return LongConvLayer(kernel=kernel, D=jax.random.normal(k_d, (F, H)),
+                             w_out=jax.random.normal(k_w, (H, H)) / jnp.sqrt(H), b_out=jnp.zeros((H,)),
+                             dropout=float(args["dropout"]))

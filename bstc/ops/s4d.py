@@ -10,19 +10,21 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float
+from jaxtyping import Array, Complex, Float
 
 from bstc.ops import _ssm
 from bstc.ops.base import Op, Param, Problem, register
 
 
 class S4DLayer(eqx.Module):
-    log_dt: Float[Array, "H"]
-    log_A_re: Float[Array, "H N2"]
+    """x (B, L, H) → (B, L, H), or (B, L, F, H) with F filters. H = d_model channels."""
+
+    log_dt: Float[Array, "H"]  # log step, log-uniform in [dt_min, dt_max] at init
+    log_A_re: Float[Array, "H N2"]  # Re A = −exp(log_A_re) < 0: every mode decays
     A_im: Float[Array, "H N2"]
-    C: Float[Array, "F H N2 2"]
-    D: Float[Array, "F H"]
-    w_out: Float[Array, "H H"]
+    C: Float[Array, "F H N2 2"]  # complex C as (re, im): the lowering casts real leaves only
+    D: Float[Array, "F H"]  # skip
+    w_out: Float[Array, "H H"]  # (out, in), shared by the filters
     b_out: Float[Array, "H"]
     dropout: float = eqx.field(static=True)
 
@@ -30,14 +32,29 @@ class S4DLayer(eqx.Module):
         return _ssm.s4d_kernel(self.log_dt, self.log_A_re, self.A_im, self.C, length)
 
     def __call__(self, x: Float[Array, "B L H"], *, context=None, key=None):
-        k = self.kernel(x.shape[1])
+        k = self.kernel(x.shape[1])  # (F, H, L) float32, generated once per call (not per batch row)
         y = _ssm.multi_filter_fft_conv(x, k)  # (B, L, F, H), float32
         return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
 
+    # ---- recurrent form, for decoding ---------------------------------------------------------
     def recurrent_form(self):
-        """(dA, C', D) for decoding one token at a time with `_ssm.s4d_step` (state of shape (F, H, N2))."""
+        """(dA, C' = C·dB, D) for `_ssm.s4d_step` (state (F, H, N2) complex, one sequence)."""
         _, Cp, dA = _ssm.discretize(self.log_dt, self.log_A_re, self.A_im, self.C)
         return dA, Cp, self.D
+
+    def recurrence(self) -> _ssm.S4DRecurrence:
+        """The convolution + skip as a recurrence (dA, dB, C, D), batched over sequences."""
+        return _ssm.S4DRecurrence.from_params(self.log_dt, self.log_A_re, self.A_im, self.C, self.D)
+
+    def init_state(self, batch: int) -> Complex[Array, "B H N2"]:
+        return jnp.zeros((batch,) + self.log_A_re.shape, jnp.complex64)
+
+    def step(self, state: Complex[Array, "B H N2"], x_t: Float[Array, "B H"]):
+        """One token of the whole layer: (state, x_t) → (state, y_t) with y_t (B, H) or (B, F, H),
+        equal to row t of `self(x)` (deterministic). O(H·N) per token instead of an FFT."""
+        state, y = self.recurrence().step(state, x_t)  # y (B, F, H) float32, skip included
+        out = _ssm.ssm_head(y[:, None], self.w_out, self.b_out, x_t.dtype)  # (B, 1, [F,] H)
+        return state, out[:, 0]
 
 
 @register
