@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from bstc import ir
-from bstc.errors import BstcError, Collector
+from bstc.errors import BstcError, Collector, Diagnostic, Span
 from bstc.ops import Dims
 from bstc.passes.check import check
 from bstc.passes.expand import expand
@@ -52,8 +52,11 @@ def parse(source, overrides=None) -> ir.Model:
             raise ValueError("overrides apply to model files, not to an already checked IR")
         return source
     tree, text, file, errors = parse_ast(source)
-    if tree is None:
+    # A file that did not parse (or a YAML file with a structural error, e.g. a misspelt section
+    # key) stops here: the passes would only report the consequences again.
+    if tree is None or errors:
         errors.raise_if_any()
+        raise BstcError([Diagnostic(Span(file, 1, 1), "the model file could not be read")], {file: text})
     errors.sources.setdefault("<--set>", "")
     res = resolve(tree, overrides, errors)
     mesh = check_mesh(tree, res.scope, errors)

@@ -42,7 +42,7 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
             defined[sub.name] = sub
             continue
         universal = {k: sub.args.pop(k) for k in UNIVERSAL_ARGS if k in sub.args}
-        args = _check_args(op, sub, errors)
+        args = _check_args(op, sub, errors, params)
         ctx = None
         if sub.edge is not None:
             edge_ast, variant, vspan = sub.edge
@@ -60,8 +60,9 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
                                  f"move `{src} = ...` above `{sub.name} = ...`: a context source must precede its use")
                 else:
                     names = ", ".join(f"{s} (line {defined[s].span.line})" if defined[s].span else s for s in defined)
+                    hint = "; ".join(h for h in (suggest(src, defined), f"defined here: {names}" if names else None) if h)
                     errors.error(edge_ast.source_span, f"context source '{src}' is not defined in block '{raw.block}'",
-                                 (suggest(src, defined) or "") + (f" defined here: {names}" if names else ""))
+                                 hint or None)
             elif variant not in VARIANTS:
                 errors.error(vspan, f"unknown context variant '{variant}'", suggest_or_list(variant, VARIANTS, "variants"))
             elif src not in outputs:
@@ -122,10 +123,11 @@ def _universal(universal: dict, key: str, default, allowed, errors: Collector):
     return v
 
 
-def _check_args(op, sub: RawSub, errors: Collector) -> dict | None:
+def _check_args(op, sub: RawSub, errors: Collector, names=()) -> dict | None:
     schema: dict[str, Param] = {p.name: p for p in op.params}
     ok = True
     out = {}
+    misspelled = set()  # required parameters an unknown key was suggested for: not "missing" too
     for k, a in sub.args.items():
         p = schema.get(k)
         if p is None and k == "context" and op.accepts_context:
@@ -134,8 +136,11 @@ def _check_args(op, sub: RawSub, errors: Collector) -> dict | None:
             continue
         if p is None:
             allowed = list(schema) + list(UNIVERSAL_ARGS) + (["context"] if op.accepts_context else [])
-            errors.error(a.span, f"layer kind '{op.kind}' has no parameter '{k}'",
-                         suggest_or_list(k, allowed, "parameters"))
+            hint = suggest_or_list(k, allowed, "parameters")
+            errors.error(a.span, f"layer kind '{op.kind}' has no parameter '{k}'", hint)
+            close = suggest(k, schema)
+            if close:
+                misspelled.add(close.split("'")[1])
             ok = False
             continue
         if a.value is None:  # evaluation already reported
@@ -144,7 +149,7 @@ def _check_args(op, sub: RawSub, errors: Collector) -> dict | None:
         v = _coerce(p, a.value)
         if v is _BAD:
             errors.error(a.span, f"'{k}' of {op.kind} must be {_type_name(p)}, got {describe(a.value)}",
-                         _value_hint(p, a.value, sub))
+                         _value_hint(p, a.value, sub, names))
             ok = False
             continue
         msg = _range_problem(p, v)
@@ -155,9 +160,11 @@ def _check_args(op, sub: RawSub, errors: Collector) -> dict | None:
         out[k] = v
     for p in op.params:
         if p.name not in out and p.name not in sub.args:
-            if p.required:
+            if p.required and p.name not in misspelled:
                 errors.error(sub.span, f"{op.kind} '{sub.name}' needs parameter '{p.name}'",
                              f"e.g. `{sub.name} = {op.kind}({p.name}: ...)`" + (f" — {p.doc}" if p.doc else ""))
+                ok = False
+            elif p.required:
                 ok = False
             else:
                 out[p.name] = p.default
@@ -193,9 +200,10 @@ def _type_name(p: Param) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a name"}.get(p.type, str(p.type))
 
 
-def _value_hint(p: Param, v, sub: RawSub):
+def _value_hint(p: Param, v, sub: RawSub, names=()):
     if isinstance(v, Symbol) and p.type in (int, float):
-        return f"'{v}' is not a parameter" + (f"; {suggest(v, ())}" if False else "")
+        close = suggest(v, names)
+        return f"'{v}' is not a parameter" + (f"; {close}" if close else "")
     if isinstance(v, Symbol) and p.choices:
         return suggest(str(v), p.choices)
     return None

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from bstc.errors import Collector, Span, suggest, suggest_or_list
 from bstc.passes.evaluate import Scope, Symbol, evaluate
 from bstc.syntax import ast
+from bstc.syntax.dsl import RESERVED_BLOCK_NAMES
 
 UNIVERSAL_ARGS = ("norm", "placement", "residual")  # accepted by every sublayer
 MAX_LAYERS = 10_000
@@ -55,6 +56,9 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
             continue
         _check_block_def(b, errors)
         blocks[b.name] = b
+        if b.name in RESERVED_BLOCK_NAMES:
+            errors.error(b.span, f"'{b.name}' is a reserved word and cannot name a block",
+                         "choose another name: `" + b.name + "` starts or continues a statement in layers")
 
     out = Expanded([])
     counters: dict[str, int] = {}
@@ -77,6 +81,8 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
                 order.append(st.what)
                 _builtin(st, out, errors)
             elif isinstance(st, ast.Repeat):
+                if depth == 0:
+                    order.append("block")  # even with a bad count: "no blocks" would only repeat it
                 n = evaluate(st.count, scope, errors)
                 if n is None:
                     continue
@@ -88,8 +94,6 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
                 if n > MAX_LAYERS:
                     errors.error(st.count.span or st.span, f"repeat count {n} is too large (at most {MAX_LAYERS})")
                     continue
-                if depth == 0:
-                    order.append("block")
                 for _ in range(n):
                     walk(st.body, depth + 1)
             elif isinstance(st, ast.Override):
@@ -169,6 +173,13 @@ def _builtin(st: ast.Builtin, out: Expanded, errors: Collector) -> None:
 
 
 def _check_order(order, seen, model, errors: Collector) -> None:
+    if not model.layers:
+        if model.layers_span is None:
+            errors.error(model.span, f"model '{model.name}' has no layers section",
+                         "add `layers { embed; ...; head tied }`")
+        else:
+            errors.error(model.layers_span, "the layers section is empty", "write `layers { embed; ...; head tied }`")
+        return
     if "embed" not in seen:
         errors.error(model.layers_span or model.span, "layers must start with `embed`")
     elif order[0] != "embed":
@@ -216,10 +227,13 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
             if isinstance(a.value, ast.Edge):
                 if a.name != "context":
                     errors.error(a.value.span, f"a context edge can only be given as 'context', not '{a.name}'")
+                    args[a.name] = RawArg(None, a.span)  # reported; not "missing" as well
                     continue
                 found, var = inner.lookup(a.value.variant)
                 variant = str(var) if found and var is not None else a.value.variant
-                edge = (a.value, variant, a.value.variant_span)
+                # a variant that came through a block parameter is reported where it was given
+                vspan = getattr(var, "span", None) if found and isinstance(var, Symbol) else None
+                edge = (a.value, variant, vspan or a.value.variant_span)
                 continue
             args[a.name] = RawArg(evaluate(a.value, inner, errors), a.span)
         subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edge))

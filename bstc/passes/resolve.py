@@ -29,25 +29,43 @@ class Resolved:
     spans: dict  # param name -> Span of its definition
 
 
+SET_FILE = "<--set>"
+
+
 def override_exprs(overrides, errors: Collector) -> dict[str, ast.Assign]:
-    """`--set k=v` strings or a dict of Python values → Assign nodes (file '<--set>')."""
+    """`--set k=v` strings or a dict of Python values → Assign nodes.
+
+    The overrides are located in a pseudo-file '<--set>' with one line `k=v` per override, so a
+    diagnostic about an override shows it with a caret like any model-file line."""
     from bstc.syntax.dsl import parse_expr
 
     out = {}
-    for k, v in (overrides or {}).items():
-        span = Span("<--set>", 1, 1)
+    lines = []
+    for i, (k, v) in enumerate((overrides or {}).items(), start=1):
+        k = str(k)
         if isinstance(v, bool):
-            expr = ast.Name("true" if v else "false", span)
+            shown = "true" if v else "false"
+        elif isinstance(v, (int, float, str)):
+            shown = str(v).replace("\n", " ")
+        else:
+            shown = repr(v)
+        lines.append(f"{k}={shown}")
+        col = len(k) + 2
+        name_span = Span(SET_FILE, i, 1, i, col - 1)
+        span = Span(SET_FILE, i, col, i, col + max(len(shown), 1))
+        if isinstance(v, bool):
+            expr = ast.Name(shown, span)
         elif isinstance(v, (int, float)):
             expr = ast.Num(v, span)
         elif isinstance(v, str):
-            expr = parse_expr(v, "<--set>", 1, 1, errors)
+            expr = parse_expr(shown, SET_FILE, i, col, errors)
             if expr is None:
                 continue
         else:
-            errors.error(None, f"--set {k}: unsupported value {v!r}")
+            errors.error(span, f"--set {k}: unsupported value {v!r}", "give a number, a name or an expression")
             continue
-        out[k] = ast.Assign(k, expr, span)
+        out[k] = ast.Assign(k, expr, name_span)
+    errors.sources[SET_FILE] = "\n".join(lines)
     return out
 
 
@@ -57,7 +75,7 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
     for k in over:
         if k not in defined and k not in SETTINGS:
             hint = suggest(k, defined | set(SETTINGS)) or ("parameters: " + ", ".join(sorted(defined)))
-            errors.error(None, f"--set {k}: the model has no parameter '{k}'", hint)
+            errors.error(over[k].span, f"--set {k}: the model has no parameter '{k}'", hint)
 
     scope = Scope({})
     spans: dict = {}
@@ -77,10 +95,12 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
         if isinstance(v, str) and not isinstance(v, Symbol) and a.name not in SETTINGS:
             pass  # string parameters are allowed (used as enum values)
         scope.values[a.name] = v
-        spans[a.name] = a.span
+        spans[a.name] = over[a.name].span if a.name in over else a.span  # where its value was written
     for k, (default, _) in SETTINGS.items():
         if k not in scope.values:
             scope.values[k] = evaluate(over[k].value, scope, errors) if k in over else default
+            if k in over:
+                spans[k] = over[k].span
     params = dict(scope.values)
 
     ok = True
@@ -98,13 +118,15 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
             v = params[k] = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
             errors.error(spans.get(k), f"'{k}' must be a positive integer, got {describe(v)}")
+            scope.values[k] = None  # reported: its uses stay quiet
             ok = False
     for k, (_, allowed) in SETTINGS.items():
-        v = params.get(k)
+        given = params.get(k)
+        v = given
         if isinstance(v, str):
             v = params[k] = DTYPE_ALIASES.get(str(v), str(v))
         if v not in allowed:
-            errors.error(spans.get(k), f"'{k}' must be one of {', '.join(allowed)}, got {describe(v)}",
+            errors.error(spans.get(k), f"'{k}' must be one of {', '.join(allowed)}, got {describe(given)}",
                          suggest(str(v), allowed))
             ok = False
     dims = None

@@ -5,8 +5,6 @@ reports each of them (at most one per line, to avoid cascades)."""
 from __future__ import annotations
 
 import functools
-from importlib import resources
-from pathlib import Path
 
 from lark import Lark, Token, Transformer, Tree, v_args
 from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken, VisitError
@@ -18,10 +16,9 @@ KEYWORDS = ("model", "block", "layers", "repeat", "embed", "norm", "head", "shar
 
 
 def grammar_text() -> str:
-    try:
-        return resources.files("bstc.grammars").joinpath("bstc.lark").read_text()
-    except (ModuleNotFoundError, FileNotFoundError):
-        return (Path(__file__).resolve().parents[2] / "grammars" / "bstc.lark").read_text()
+    from bstc.zoo import package_data_dir
+
+    return (package_data_dir("grammars") / "bstc.lark").read_text()
 
 
 @functools.lru_cache(maxsize=None)
@@ -41,7 +38,7 @@ def _meta_span(file: str, meta) -> Span | None:
 
 _PRETTY = {
     "NAME": "a name", "NUMBER": "a number", "INT": "an integer", "STRING": "a string",
-    "$END": "end of file",
+    "$END": "end of file", "<END-OF-FILE>": "end of file",
 }
 
 
@@ -57,10 +54,25 @@ def _describe(term: str, p: Lark) -> str:
     return term
 
 
+def _describe_token(tok: Token, p: Lark) -> str:
+    """How an unexpected token is named in a message: `'{'`, `'foo'`, `number 3`, `string "x"`."""
+    if tok.type == "NAME":
+        return repr(str(tok))
+    if tok.type in ("NUMBER", "INT"):
+        return f"number {tok}"
+    if tok.type == "STRING":
+        return f"string {tok}"
+    return _describe(tok.type, p)
+
+
 def _expected_list(expected, p: Lark) -> str:
-    names = sorted({_describe(t, p) for t in expected})
-    if len(names) > 6:
-        names = names[:6] + ["…"]
+    # a name / a number first (what is usually missing), then keywords, then punctuation
+    def key(d: str):
+        return (0 if not d.startswith("'") else 1 if d[1:-1].isalpha() else 2, d)
+
+    names = sorted({_describe(t, p) for t in expected if t != "$END"} or {"end of file"}, key=key)
+    if len(names) > 8:
+        names = names[:8] + ["…"]
     return ", ".join(names)
 
 
@@ -177,7 +189,8 @@ class _ToAst(Transformer):
     @v_args(meta=True)
     def setting(self, meta, children):
         sub, param, value = children
-        return ast.Setting(str(sub), str(param), value, self._t(sub))
+        return ast.Setting(str(sub), str(param), value,
+                           Span(self.file, sub.line, sub.column, param.end_line, param.end_column))
 
     @v_args(meta=True)
     def override(self, meta, children):
@@ -254,48 +267,109 @@ class _DupSection(Exception):
         self.what, self.span = what, span
 
 
+# Keywords that open a section of the model; written where a statement of another section
+# is expected, they usually mean that a '}' is missing above.
+_SECTIONS = ("block", "layers", "mesh", "rules")
+# A block may not take a keyword's name: `repeat`, `embed`, `norm`, `head` start layer statements
+# and `share`, `tokens` continue them, so such a block could not be used.
+RESERVED_BLOCK_NAMES = KEYWORDS + ("tokens",)
+
+
+_BUILTIN_HINTS = {
+    "NORM": "write `norm rms`, `norm layer` or `norm none` ('norm' is a reserved word, not a block name)",
+    "HEAD": "write `head tied` or `head untied` ('head' is a reserved word, not a block name)",
+}
+
+
 def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
-    """Parse .bst text. Syntax errors go to `errors`; returns None if there were any."""
+    """Parse .bst text. Syntax errors go to `errors`; returns None if there were any.
+
+    Recovery: lark resumes after dropping the unexpected token. Two common mistakes are
+    repaired instead, so that the rest of the file parses cleanly: a keyword used as a name
+    (`layers = 3`) and a missing '}' before a section (`layers {` inside a block). An error
+    found before the parser made any progress since the previous one is a cascade and is not
+    reported; nor is a second error on the same line."""
     p = parser()
     seen_lines: set[int] = set()
+    last_state: list = [None]  # the parser's stacks at the last error
+    inserted_braces = [0]  # '}' supplied by the missing-brace repair
 
     def record(e: UnexpectedInput) -> bool:
         line, col = getattr(e, "line", 0) or 0, getattr(e, "column", 0) or 0
-        if line in seen_lines:
-            return True
-        seen_lines.add(line)
+        ip = getattr(e, "interactive_parser", None)
+        ps = getattr(ip, "parser_state", None)
+        state = (tuple(ps.state_stack), len(ps.value_stack)) if ps is not None else None
+        cascade = state is not None and state == last_state[0]
+        last_state[0] = state
+        prev = ps.value_stack[-1] if ps is not None and ps.value_stack else None
+        if not isinstance(prev, Token):
+            prev = None
+        if isinstance(e, UnexpectedEOF) or (isinstance(e, UnexpectedToken) and e.token.type == "$END"):
+            # after a missing-brace repair, the end comes early only if more braces are missing
+            if not cascade and (not inserted_braces[0] or len(_unclosed_braces(text)) > inserted_braces[0]):
+                errors.error(_eof_span(text, file), "unexpected end of file", _eof_hint(text, e, p))
+            return False
+        report = line not in seen_lines and not cascade
+        if report:
+            seen_lines.add(line)
         if isinstance(e, UnexpectedToken):
             tok = e.token
-            if tok.type == "$END":
-                errors.error(Span(file, _last_line(text), 1), "unexpected end of file",
-                             f"expected {_expected_list(e.expected, p)}; is a '}}' missing?")
-                return False
-            shown = str(tok)
-            hint = f"expected {_expected_list(e.expected, p)}"
-            if shown in KEYWORDS and "NAME" in e.expected:
-                hint = f"'{shown}' is a reserved word; choose another name"
-            errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
-                         f"unexpected {_describe(tok.type, p) if tok.type != 'NAME' else repr(shown)}", hint)
-        elif isinstance(e, UnexpectedCharacters):
+            if prev is not None and prev.type != "NAME" and str(prev) in KEYWORDS and tok.type in ("EQUAL", "COLON"):
+                # `layers = 3`: read as the keyword; report it and go on as if it were a name
+                if report:
+                    errors.error(_tok_span(file, prev), f"'{prev}' is a reserved word", "choose another name")
+                if _repair(ip, 1, [Token.new_borrow_pos("NAME", str(prev), prev), tok]):
+                    last_state[0] = None
+                return True
+            if prev is not None and prev.type == "NAME" and str(prev) in _SECTIONS and tok.type in ("LBRACE", "NAME"):
+                # `layers {` where a sublayer or a layer statement was expected: a '}' is missing
+                if report:
+                    errors.error(_tok_span(file, prev), f"'{prev}' is not allowed here", "is a '}' missing above it?")
+                if _repair(ip, 1, [Token.new_borrow_pos("RBRACE", "}", prev),
+                                   Token.new_borrow_pos(str(prev).upper(), str(prev), prev), tok]):
+                    inserted_braces[0] += 1
+                    last_state[0] = None
+                return True
+            expected = _accepts(ip) or e.expected
+            if report:
+                hint = f"expected {_expected_list(expected, p)}"
+                if expected and set(expected) <= {"$END", "<END-OF-FILE>"}:
+                    hint = "nothing may follow the model's closing '}'"
+                elif prev is not None and prev.type in ("NORM", "HEAD"):
+                    hint = _BUILTIN_HINTS[prev.type]
+                elif prev is not None and prev.type != "NAME" and str(prev) in KEYWORDS and "NAME" in expected:
+                    hint += f" after '{prev}'"
+                errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
+                             f"unexpected {_describe_token(tok, p)}", hint)
+            # A missing name, number or ')' just before `tok`: supply it and keep `tok`.
+            for missing, value in (("NAME", "_"), ("NUMBER", "1"), ("RPAR", ")")):
+                if missing in expected and _repair(ip, 0, [Token.new_borrow_pos(missing, value, tok), tok]):
+                    last_state[0] = None
+                    break
+        elif isinstance(e, UnexpectedCharacters) and report:
             ch = text[e.pos_in_stream] if e.pos_in_stream < len(text) else "?"
-            errors.error(Span(file, line, col, line, col + 1), f"unexpected character {ch!r}",
-                         f"expected {_expected_list(e.allowed, p)}" if e.allowed else None)
-        elif isinstance(e, UnexpectedEOF):
-            errors.error(Span(file, _last_line(text), 1), "unexpected end of file", "is a '}' missing?")
-            return False
+            hint = None
+            if ch == "'":
+                hint = 'strings are written in double quotes: "..."'
+            elif ch == '"':
+                hint = "a string must end on the line where it starts"
+            errors.error(Span(file, line, col, line, col + 1), f"unexpected character {ch!r}", hint)
         return True
 
     n_before = len(errors.diagnostics)
     try:
         tree = p.parse(text, on_error=record)
     except UnexpectedInput as e:  # unrecoverable: record it if recovery did not already
-        record(e)
+        if len(errors.diagnostics) == n_before:
+            record(e)
         return None
     except Exception:  # noqa: BLE001 - lark may fail to recover after an error it reported
         if len(errors.diagnostics) > n_before:
             return None
         raise
     if len(errors.diagnostics) > n_before or tree is None:
+        return None
+    if _too_deep(tree, file, errors):
         return None
     try:
         return _ToAst(file).transform(tree)
@@ -306,8 +380,101 @@ def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
         raise
 
 
-def _last_line(text: str) -> int:
-    return max(1, len(text.splitlines()))
+MAX_DEPTH = 200  # nesting of parentheses and operators; real models need a handful
+
+
+def _too_deep(tree, file: str, errors: Collector, shift=None) -> bool:
+    """Report a tree nested deeper than MAX_DEPTH (the passes recurse over it)."""
+    stack = [(tree, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            meta = node.meta
+            line, col = getattr(meta, "line", 1), getattr(meta, "column", 1)
+            if shift is not None:
+                line, col = shift[0] + line - 1, (shift[1] + col - 1) if line == 1 else col
+            errors.error(Span(file, line, col, line, col + 1), "expression is nested too deeply",
+                         f"at most {MAX_DEPTH} levels of parentheses and operators")
+            return True
+        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+    return False
+
+
+def _accepts(ip) -> set | None:
+    """The terminals the parser really accepts here (LALR's table lists some it would reject)."""
+    if ip is None:
+        return None
+    try:
+        return ip.accepts()
+    except Exception:  # noqa: BLE001 - only a better hint is lost
+        return None
+
+
+def _repair(ip, pop: int, tokens) -> bool:
+    """Drop `pop` shifted tokens and feed `tokens` instead; all or nothing."""
+    if ip is None:
+        return False
+    try:
+        trial = ip.copy()
+        st = trial.parser_state
+        if len(st.value_stack) < pop or any(not isinstance(v, Token) for v in st.value_stack[len(st.value_stack) - pop:]):
+            return False
+        del st.state_stack[len(st.state_stack) - pop:]
+        del st.value_stack[len(st.value_stack) - pop:]
+        for t in tokens:
+            trial.feed_token(t)
+    except Exception:  # noqa: BLE001 - no repair; plain recovery goes on
+        return False
+    ip.parser_state.state_stack[:] = st.state_stack
+    ip.parser_state.value_stack[:] = st.value_stack
+    return True
+
+
+def _eof_span(text: str, file: str) -> Span:
+    """Just after the last character that is not white space."""
+    stripped = text.rstrip()
+    if not stripped:
+        return Span(file, 1, 1, 1, 2)
+    i = len(stripped)  # 0-based offset one past the last character
+    line = stripped.count("\n") + 1
+    col = i - (stripped.rfind("\n") + 1) + 1
+    return Span(file, line, col, line, col + 1)
+
+
+def _unclosed_braces(text: str) -> list[tuple[int, int]]:
+    """(line, col) of every '{' that no '}' closes, outermost first (comments and strings skipped)."""
+    stack: list[tuple[int, int]] = []
+    line, col, i, n = 1, 0, 0, len(text)
+    while i < n:
+        c = text[i]
+        col += 1
+        if c == "\n":
+            line, col = line + 1, 0
+        elif c == "#":
+            j = text.find("\n", i)
+            i = n if j < 0 else j  # the newline resets the column
+            continue
+        elif c == '"':
+            j = text.find('"', i + 1)
+            k = text.find("\n", i + 1)
+            end = j if j >= 0 and (k < 0 or j < k) else (k - 1 if k >= 0 else n - 1)
+            col += end - i
+            i = end + 1
+            continue
+        elif c == "{":
+            stack.append((line, col))
+        elif c == "}" and stack:
+            stack.pop()
+        i += 1
+    return stack
+
+
+def _eof_hint(text: str, e, p: Lark) -> str:
+    open_ = _unclosed_braces(text)
+    if open_:
+        return f"is a '}}' missing? the '{{' on line {open_[-1][0]} is not closed"
+    expected = getattr(e, "expected", None)
+    return f"expected {_expected_list(expected, p)}" if expected else "the file ends too early"
 
 
 def parse_expr(text: str, file: str, line: int, col: int, errors: Collector):
@@ -331,6 +498,8 @@ def _parse_value(text: str, file: str, line: int, col: int, errors: Collector):
         return None
     if isinstance(tree, Token):  # a bare terminal can't happen for `value`, kept for safety
         tree = Tree("name", [tree])
+    if _too_deep(tree, file, errors, shift=(line, col)):
+        return None
     node = _ToAst(file).transform(tree)
     return _shift(node, line, col)
 

@@ -268,16 +268,42 @@ class _Walker:
 
 def parse_yaml(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
     try:
+        # Aliases (`*name`) are refused before composing: a model file is plain data, and an
+        # alias can make the document recursive or exponentially large.
+        aliases = [ev for ev in yaml.parse(text, Loader=yaml.SafeLoader) if isinstance(ev, yaml.AliasEvent)]
+        for ev in aliases:
+            errors.error(_mark_span(text, file, ev.start_mark, ev.end_mark), "YAML aliases are not allowed",
+                         "write the value out: model files are plain data")
+        if aliases:
+            return None
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.MarkedYAMLError as e:
         m = e.problem_mark or e.context_mark
-        sp = Span(file, m.line + 1, m.column + 1) if m else None
+        sp = _mark_span(text, file, m) if m else None
         errors.error(sp, f"YAML syntax error: {e.problem or e.context}")
         return None
     except yaml.YAMLError as e:
         errors.error(Span(file, 1, 1), f"YAML error: {e}")
         return None
+    except RecursionError:
+        errors.error(Span(file, 1, 1), "YAML nesting is too deep")
+        return None
     if root is None:
         errors.error(Span(file, 1, 1), "the model file is empty")
         return None
-    return _Walker(file, errors).model(root)
+    try:
+        return _Walker(file, errors).model(root)
+    except RecursionError:
+        errors.error(Span(file, 1, 1), "YAML nesting is too deep")
+        return None
+
+
+def _mark_span(text: str, file: str, start, end=None) -> Span:
+    """A yaml Mark as a Span; a mark past the last line (end of stream) moves to the end of the last line."""
+    lines = text.splitlines() or [""]
+    line, col = start.line + 1, start.column + 1
+    if line > len(lines):
+        line, col = len(lines), len(lines[-1]) + 1
+    if end is not None and end.line == start.line:
+        return Span(file, line, col, line, col + max(end.column - start.column, 1))
+    return Span(file, line, col)
