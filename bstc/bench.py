@@ -1,0 +1,521 @@
+"""`bstc bench`: side-by-side speed on one machine, in one run.
+
+* `bstc bench layers` times one layer of each kind — forward + backward (the gradient of the sum
+  of the outputs with respect to the parameters and the input) — over a range of sequence
+  lengths. The candidates are interleaved within every repeat (so a slow patch of the machine
+  hits them all alike), the median is reported, and every time is also given as a ratio to
+  BST-SH, the paper's reference layer.
+* `bstc bench model FILE` times a whole model's training step (AdamW): tokens/s, step time,
+  compile time, and MFU against a matmul peak measured on the same machine in the same run.
+
+A "layer" is what a model file stacks: pre-norm sublayers with residuals, MLP included, e.g.
+BST-SH = s4d (context source) + block_attention (context: ssm -> sh) + mlp; the Block-Recurrent
+Transformer's recurrent layer holds its own norms and MLP. All are built from the ops registry,
+exactly as the lowering builds them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, List, Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import typer
+from jaxtyping import Array, Float
+
+# ---- single layers, built from the registry --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sub:
+    """One sublayer of a bench layer: kind, given arguments, pre-norm, residual, context source."""
+
+    kind: str
+    args: dict
+    norm: bool = True
+    residual: bool = True
+    context: tuple[int, str] | None = None  # (index of the source sublayer, variant)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    name: str
+    label: str
+    subs: Callable[["BenchConfig"], list[Sub]]
+    quadratic: bool = False  # cost grows as L² (the --max-seconds guard extrapolates with it)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    d_model: int = 256
+    heads: int = 4
+    window: int = 256
+    batch: int = 1
+    ssm_state: int = 64
+    context_states: int = 16  # S of BST-MF
+
+    @property
+    def mlp(self) -> Sub:
+        return Sub("mlp", {"hidden": 4 * self.d_model, "act": "gelu"})
+
+
+def _bst(conv: str, variant: str) -> Callable[[BenchConfig], list[Sub]]:
+    def subs(c: BenchConfig) -> list[Sub]:
+        filters = {"sh": 1, "mh": c.heads, "mf": c.context_states}[variant]
+        src = {"state": c.ssm_state} if conv == "s4d" else {}
+        return [Sub(conv, {**src, "filters": filters}, residual=False),
+                Sub("block_attention", {"window": c.window}, context=(0, variant)), c.mlp]
+    return subs
+
+
+CANDIDATES: dict[str, Candidate] = {c.name: c for c in [
+    Candidate("bst_sh_s4", "BST-SH (S4D)", _bst("s4d", "sh")),
+    Candidate("bst_mh_s4", "BST-MH (S4D)", _bst("s4d", "mh")),
+    Candidate("bst_mf_s4", "BST-MF (S4D)", _bst("s4d", "mf")),
+    Candidate("bst_sh_unstructured", "BST-SH (unstructured)", _bst("long_conv", "sh")),
+    Candidate("bst_mh_unstructured", "BST-MH (unstructured)", _bst("long_conv", "mh")),
+    Candidate("bst_mf_unstructured", "BST-MF (unstructured)", _bst("long_conv", "mf")),
+    Candidate("brt", "BRT recurrent layer", lambda c: [
+        Sub("brt", {"window": c.window, "state": c.window, "hidden": 4 * c.d_model}, norm=False)]),
+    Candidate("full", "Full attention", lambda c: [Sub("full_attention", {}), c.mlp], quadratic=True),
+    Candidate("slide", "Sliding window", lambda c: [Sub("sliding_attention", {"window": c.window}), c.mlp]),
+    Candidate("txl", "Transformer-XL", lambda c: [
+        Sub("xl_attention", {"window": c.window, "memory": c.window}), c.mlp]),
+    Candidate("gss", "GSS layer", lambda c: [Sub("gss", {"state": c.ssm_state})]),
+]}
+DEFAULT_LAYERS = [n for n in CANDIDATES if n != "gss"]
+REFERENCE = "bst_sh_s4"
+
+
+class BenchLayer(eqx.Module):
+    """x (B, L, D) -> x after every sublayer (pre-norm, residual), context edges as in a block."""
+
+    norms: tuple
+    ops: tuple
+    residual: tuple[bool, ...] = eqx.field(static=True)
+    sources: tuple[int | None, ...] = eqx.field(static=True)
+
+    def __call__(self, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
+        outs: dict[int, Any] = {}
+        for i, (norm, op) in enumerate(zip(self.norms, self.ops)):
+            h = norm(x) if norm is not None else x
+            y = op(h, context=outs[self.sources[i]] if self.sources[i] is not None else None)
+            if self.residual[i]:
+                x = x + y
+            else:
+                outs[i] = y
+        return x
+
+
+class Unfit(Exception):
+    """A candidate that cannot be built at these sizes (its op's check says why)."""
+
+
+def build_layer(name: str, cfg: BenchConfig, seq_len: int, *, key) -> BenchLayer:
+    from bstc.ops import ContextSpec, Dims, get
+    from bstc.passes.report import op_args
+
+    dims = Dims(vocab=256, d_model=cfg.d_model, heads=cfg.heads, window=cfg.window, seq_len=seq_len)
+    subs = CANDIDATES[name].subs(cfg)
+    keys = jax.random.split(key, 2 * len(subs))
+    norms, ops, built = [], [], []
+    for i, s in enumerate(subs):
+        op = get(s.kind)
+        args = op_args(s.kind, s.args)
+        ctx = None
+        if s.context is not None:
+            src, variant = s.context
+            ctx = ContextSpec(variant, get(subs[src].kind).filters(built[src], dims), subs[src].kind)
+        problems = op.check(args, dims, ctx)
+        if problems:
+            raise Unfit(f"{s.kind}: {problems[0].message}")
+        ops.append(op.build(args, dims, ctx, key=keys[2 * i]))
+        norms.append(get("rms_norm").build(op_args("rms_norm"), dims, None, key=keys[2 * i + 1]) if s.norm else None)
+        built.append(args)
+    return BenchLayer(tuple(norms), tuple(ops), tuple(s.residual for s in subs),
+                      tuple(s.context[0] if s.context else None for s in subs))
+
+
+def layer_flops_per_token(name: str, cfg: BenchConfig, seq_len: int) -> float:
+    """Forward FLOPs per token of the layer, from the ops' cost rules (norms included)."""
+    from bstc.ops import ContextSpec, Dims, get
+    from bstc.passes.report import op_args
+
+    dims = Dims(vocab=256, d_model=cfg.d_model, heads=cfg.heads, window=cfg.window, seq_len=seq_len)
+    subs = CANDIDATES[name].subs(cfg)
+    total, built = 0.0, []
+    for s in subs:
+        args = op_args(s.kind, s.args)
+        ctx = None
+        if s.context is not None:
+            src, variant = s.context
+            ctx = ContextSpec(variant, get(subs[src].kind).filters(built[src], dims), subs[src].kind)
+        total += get(s.kind).flops_per_token(args, dims, ctx)
+        if s.norm:
+            total += get("rms_norm").flops_per_token(op_args("rms_norm"), dims, None)
+        built.append(args)
+    return total
+
+
+def fwd_bwd(layer: BenchLayer):
+    """A jitted function (params, x) -> gradients w.r.t. params and x of sum(layer(x))."""
+    params, static = eqx.partition(layer, eqx.is_inexact_array)
+
+    def loss(p, x):
+        return jnp.sum(eqx.combine(p, static)(x).astype(jnp.float32))
+
+    return jax.jit(jax.grad(loss, argnums=(0, 1))), params
+
+
+def _timed(f, *args) -> float:
+    t0 = time.perf_counter()
+    jax.block_until_ready(f(*args))
+    return time.perf_counter() - t0
+
+
+@dataclass
+class Result:
+    candidate: str
+    length: int
+    times_s: list[float] = field(default_factory=list)
+    compile_s: float | None = None
+    flops_per_token: float | None = None
+    params: int | None = None
+    skipped: str | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.times_s else None
+
+
+def _memory_bytes() -> float:
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 16 * 2**30
+
+
+def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: int, max_seconds: float,
+               log: Callable[[str], None] = lambda s: None) -> list[Result]:
+    """Time every candidate at every length; interleave the candidates within each repeat."""
+    results: list[Result] = []
+    last: dict[str, tuple[int, float]] = {}  # candidate -> (length, median) at the last length it ran
+    for L in lengths:
+        ready = []
+        for name in names:
+            r = Result(name, L)
+            results.append(r)
+            cand = CANDIDATES[name]
+            if name in last:  # extrapolate from the previous length: skip what would exceed the guard
+                L0, t0 = last[name]
+                guess = t0 * (L / L0) ** (2 if cand.quadratic else 1)
+                if guess > max_seconds:
+                    r.skipped = f"predicted {guess:.1f} s per step > --max-seconds {max_seconds:g}"
+                    continue
+            if cand.quadratic and 4.0 * cfg.batch * cfg.heads * L * L * 4 > 0.5 * _memory_bytes():
+                r.skipped = "the L×L attention weights would not fit in memory"
+                continue
+            try:
+                layer = build_layer(name, cfg, L, key=jax.random.key(0))
+            except Unfit as e:
+                r.skipped = str(e)
+                continue
+            f, params = fwd_bwd(layer)
+            x = jax.random.normal(jax.random.key(1), (cfg.batch, L, cfg.d_model), jnp.float32)
+            t0 = time.perf_counter()
+            compiled = f.lower(params, x).compile()
+            r.compile_s = time.perf_counter() - t0
+            r.params = sum(a.size for a in jax.tree.leaves(params))
+            r.flops_per_token = layer_flops_per_token(name, cfg, L)
+            warm = _timed(compiled, params, x)  # first call: allocation, thread pools
+            if warm > max_seconds:
+                r.times_s = [warm]
+                r.skipped = f"one step took {warm:.1f} s > --max-seconds {max_seconds:g}; timed once"
+                last[name] = (L, warm)
+                continue
+            ready.append((r, compiled, params, x))
+            log(f"L={L} {name}: compiled in {r.compile_s:.1f} s")
+        for rep in range(repeats):
+            k = rep % max(1, len(ready))
+            for r, compiled, params, x in ready[k:] + ready[:k]:  # a different order every repeat
+                r.times_s.append(_timed(compiled, params, x))
+        for r, *_ in ready:
+            last[r.candidate] = (L, r.median_s)
+            log(f"L={L} {r.candidate}: median {1e3 * r.median_s:.1f} ms")
+        del ready
+    return results
+
+
+def ratios(results: list[Result]) -> dict[tuple[str, int], float]:
+    ref = {r.length: r.median_s for r in results if r.candidate == REFERENCE and r.median_s}
+    return {(r.candidate, r.length): r.median_s / ref[r.length]
+            for r in results if r.median_s and r.length in ref and not r.skipped}
+
+
+def machine_info() -> dict:
+    d = jax.devices()[0]
+    return {"backend": jax.default_backend(), "device": getattr(d, "device_kind", str(d)),
+            "devices": jax.device_count(), "cpu_count": os.cpu_count(), "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(), "jax": jax.__version__}
+
+
+def plot_layers(results: list[Result], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 5))
+    for name in dict.fromkeys(r.candidate for r in results):
+        pts = [(r.length, r.median_s) for r in results if r.candidate == name and r.median_s and not r.skipped]
+        if pts:
+            xs, ys = zip(*pts)
+            style = "-" if name.startswith("bst") else "--"
+            ax.plot(xs, [1e3 * y for y in ys], style, marker="o", label=CANDIDATES[name].label)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("sequence length L (tokens)")
+    ax.set_ylabel("forward + backward, ms (median)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ---- a whole model's training step -------------------------------------------------------------------
+
+
+def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
+    """The best FLOP/s of a jitted f32 n×n matmul on this machine: the denominator of MFU."""
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == math.inf:
+        best = min(best, _timed(f, a))
+    return 2.0 * n**3 / best
+
+
+def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool = True, lr: float = 1e-3) -> dict:
+    import optax
+
+    import bstc
+
+    from bstc.lower import lower
+
+    t0 = time.perf_counter()
+    m = bstc.parse(source, overrides=overrides)
+    rep = bstc.explain(m, batch=batch)
+    model = lower(m, key=jax.random.key(0), scan=scan)
+    load_s = time.perf_counter() - t0
+    L, V = m.dims.seq_len, m.dims.vocab
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    opt = optax.adamw(lr)
+    opt_state = opt.init(params)
+
+    def loss_fn(p, tokens):
+        logits = eqx.combine(p, static)(tokens)[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    def step(p, s, tokens):
+        loss, g = jax.value_and_grad(loss_fn)(p, tokens)
+        upd, s = opt.update(g, s, p)
+        return optax.apply_updates(p, upd), s, loss
+
+    tokens = jax.random.randint(jax.random.key(1), (batch, L), 0, V)
+    t0 = time.perf_counter()
+    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, opt_state, tokens).compile()
+    compile_s = time.perf_counter() - t0
+    params, opt_state, loss = compiled(params, opt_state, tokens)  # warm-up
+    jax.block_until_ready(loss)
+    times, losses = [], [float(loss)]
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        params, opt_state, loss = compiled(params, opt_state, tokens)
+        jax.block_until_ready(loss)
+        times.append(time.perf_counter() - t0)
+        losses.append(float(loss))
+    peak = measure_matmul_peak()
+    step_s = statistics.median(times)
+    tps = batch * L / step_s
+    achieved = rep.train_flops_per_token * tps
+    return {"model": rep.model, "source": str(source), "overrides": overrides, "batch": batch, "seq_len": L,
+            "params": rep.params, "steps": steps, "step_times_s": times, "step_s": step_s, "tokens_per_s": tps,
+            "compile_s": compile_s, "load_s": load_s, "losses": losses,
+            "flops_per_token": rep.flops_per_token, "train_flops_per_token": rep.train_flops_per_token,
+            "achieved_flops": achieved, "matmul_peak_flops": peak, "mfu": achieved / peak,
+            "machine": machine_info()}
+
+
+# ---- the commands ------------------------------------------------------------------------------------
+
+bench_app = typer.Typer(help="Side-by-side speed on this machine: single layers, or a model's training step.",
+                        no_args_is_help=True)
+
+
+def _int_list(s: str, what: str) -> list[int]:
+    try:
+        out = [int(float(x)) for x in s.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{what} expects comma-separated integers, got {s!r}") from None
+    if not out or min(out) <= 0:
+        raise typer.BadParameter(f"{what} expects positive integers, got {s!r}")
+    return out
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"bstc: error: {msg}", err=True)
+    raise typer.Exit(2)
+
+
+@bench_app.command("layers")
+def layers_cmd(
+    lengths: str = typer.Option("1024,2048,4096,8192,16384", "--lengths", help="Sequence lengths, comma-separated."),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="Timed repeats per candidate and length (median)."),
+    d_model: int = typer.Option(256, "--d-model", min=1, help="Model width."),
+    heads: int = typer.Option(4, "--heads", min=1, help="Attention heads."),
+    window: int = typer.Option(256, "--window", min=1, help="Block length W (BRT: also its S = W states)."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Batch size."),
+    ssm_state: int = typer.Option(64, "--ssm-state", min=2, help="S4D state size N."),
+    context_states: int = typer.Option(16, "--context-states", min=2, help="BST-MF: S filters / context vectors."),
+    kinds: Optional[str] = typer.Option(None, "--kinds", help="Candidates, comma-separated (default: all but gss): "
+                                        + ", ".join(CANDIDATES)),
+    max_seconds: float = typer.Option(30.0, "--max-seconds", help="Skip a candidate at lengths where one "
+                                      "forward+backward would take longer than this (extrapolated)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here (and a PNG plot beside it)."),
+):
+    """Time one layer of each kind, forward + backward, over sequence lengths; ratios against BST-SH."""
+    from rich.console import Console
+    from rich.table import Table
+
+    try:
+        lens = _int_list(lengths, "--lengths")
+    except typer.BadParameter as e:
+        _fail(str(e))
+    names = [k.strip() for k in kinds.split(",") if k.strip()] if kinds else list(DEFAULT_LAYERS)
+    unknown = [n for n in names if n not in CANDIDATES]
+    if unknown:
+        _fail(f"unknown candidate {unknown[0]!r}; choose from {', '.join(CANDIDATES)}")
+    if REFERENCE not in names:
+        names.insert(0, REFERENCE)  # the ratios need it
+    bad = [L for L in lens if L % window]
+    if bad:
+        _fail(f"every length must be a multiple of --window {window}; {bad[0]} is not")
+    if d_model % heads:
+        _fail(f"--d-model {d_model} is not divisible by --heads {heads}")
+    cfg = BenchConfig(d_model=d_model, heads=heads, window=window, batch=batch, ssm_state=ssm_state,
+                      context_states=context_states)
+    err = Console(stderr=True)
+    err.print(f"[dim]bench layers on {jax.default_backend()} ({os.cpu_count()} cores): D={d_model} H={heads} "
+              f"W={window} B={batch}, {repeats} repeats, lengths {', '.join(map(str, lens))}[/dim]")
+    results = run_layers(names, lens, cfg, repeats, max_seconds, log=lambda s: err.print(f"[dim]{s}[/dim]"))
+    rat = ratios(results)
+
+    table = Table(title=f"forward + backward per layer, median ms (× BST-SH) — D={d_model}, H={heads}, "
+                        f"W={window}, batch {batch}, {jax.default_backend()}")
+    table.add_column("layer")
+    for L in lens:
+        table.add_column(f"L={L}", justify="right")
+    notes = []
+    for name in names:
+        row = [CANDIDATES[name].label]
+        for L in lens:
+            r = next(x for x in results if x.candidate == name and x.length == L)
+            if r.skipped and not r.times_s:
+                row.append("skipped")
+                notes.append(f"{CANDIDATES[name].label} at L={L}: {r.skipped}")
+            else:
+                cell = f"{1e3 * r.median_s:.1f}"
+                if (name, L) in rat and name != REFERENCE:
+                    cell += f" ({rat[(name, L)]:.2f}×)"
+                if r.skipped:
+                    cell += " *"
+                    notes.append(f"{CANDIDATES[name].label} at L={L}: {r.skipped}")
+                row.append(cell)
+        table.add_row(*row)
+    console = Console()
+    console.print(table)
+    for n in notes:
+        console.print(f"  note: {n}")
+
+    if json_out is not None:
+        png = json_out.with_suffix(".png")
+        data = {"command": "bench layers", "machine": machine_info(),
+                "config": {"d_model": d_model, "heads": heads, "window": window, "batch": batch,
+                           "ssm_state": ssm_state, "context_states": context_states, "repeats": repeats,
+                           "lengths": lens, "max_seconds": max_seconds, "reference": REFERENCE},
+                "candidates": {n: {"label": CANDIDATES[n].label,
+                                   "sublayers": [s.kind for s in CANDIDATES[n].subs(cfg)]} for n in names},
+                "results": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s,
+                             "median_s": r.median_s, "compile_s": r.compile_s, "params": r.params,
+                             "flops_per_token": r.flops_per_token,
+                             "ratio_vs_reference": rat.get((r.candidate, r.length)), "skipped": r.skipped}
+                            for r in results],
+                "plot": png.name}
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(data, indent=2))
+        plot_layers(results, png, f"one layer, forward + backward — D={d_model}, W={window}, "
+                                  f"{jax.default_backend()} ({os.cpu_count()} cores)")
+        console.print(f"wrote {json_out} and {png}")
+
+
+@bench_app.command("model")
+def model_cmd(
+    model: str = typer.Argument(..., help="A model file, or the name of a zoo model."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a top-level model parameter, "
+                                             "e.g. --set d_model=256 (repeatable)."),
+    batch: int = typer.Option(8, "--batch", "-b", min=1, help="Batch size."),
+    steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps (after one warm-up step)."),
+    scan: bool = typer.Option(True, "--scan/--no-scan", help="Stack repeated blocks and run them with lax.scan."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
+):
+    """Time a whole model's training step (AdamW): tokens/s, step and compile time, MFU."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bstc import zoo
+    from bstc.commands import cli_errors, parse_sets
+
+    path = zoo.resolve(model)
+    if path is None:
+        _fail(f"no model file or zoo model named {model!r}")
+
+    @cli_errors
+    def go():
+        return run_model(str(path), parse_sets(set_), batch, steps, scan=scan)
+
+    out = go()
+    t = Table(title=f"{out['model']} training step — batch {batch} × {out['seq_len']} tokens, "
+                    f"{out['machine']['backend']} ({out['machine']['cpu_count']} cores)")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    t.add_row("parameters", f"{out['params'] / 1e6:.2f} M")
+    t.add_row("step time (median)", f"{1e3 * out['step_s']:.1f} ms")
+    t.add_row("tokens/s", f"{out['tokens_per_s']:,.0f}")
+    t.add_row("compile time", f"{out['compile_s']:.1f} s")
+    t.add_row("train FLOPs/token (3 × forward, explain)", f"{out['train_flops_per_token'] / 1e6:.2f} M")
+    t.add_row("achieved", f"{out['achieved_flops'] / 1e9:.2f} GFLOP/s")
+    t.add_row("matmul peak (measured, f32 2048²)", f"{out['matmul_peak_flops'] / 1e9:.2f} GFLOP/s")
+    t.add_row("MFU", f"{100 * out['mfu']:.1f} %")
+    t.add_row("loss (first → last)", f"{out['losses'][0]:.3f} → {out['losses'][-1]:.3f}")
+    console = Console()
+    console.print(t)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2, default=str))
+        console.print(f"wrote {json_out}")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(bench_app, name="bench")

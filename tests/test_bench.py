@@ -1,0 +1,115 @@
+"""`bstc bench` and the cost model behind MFU.
+
+* `bstc bench layers` runs at tiny widths and writes well-formed JSON and a PNG;
+* `bstc bench model` measures a tiny zoo model's training step;
+* `bstc explain`'s FLOP count agrees with XLA's cost analysis of the compiled forward pass
+  within 10% for every zoo model (the numerator of MFU must be right).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+from typer.testing import CliRunner
+
+import bstc
+from bstc import zoo
+from bstc.cli import app
+from conftest import tiny_overrides
+
+ZOO = zoo.list_models()
+TINY_LAYERS = ["--d-model", "32", "--heads", "2", "--window", "64"]
+
+
+def test_bench_layers_writes_json_and_plot(tmp_path):
+    """The command as documented, on tiny widths (a subset of the candidates keeps compiles few;
+    test_bench_layer_costs_come_from_the_registry builds and runs every candidate)."""
+    out = tmp_path / "out.json"
+    r = CliRunner().invoke(app, ["bench", "layers", "--lengths", "256,512", "--repeats", "2", *TINY_LAYERS,
+                                 "--kinds", "bst_sh_s4,bst_mf_unstructured,brt,full,slide,txl", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "BST-SH" in r.output and "BRT" in r.output
+    data = json.loads(out.read_text())
+    assert data["config"]["lengths"] == [256, 512] and data["config"]["repeats"] == 2
+    assert data["machine"]["backend"] == jax.default_backend()
+    names = set(data["candidates"])
+    assert names == {"bst_sh_s4", "bst_mf_unstructured", "brt", "full", "slide", "txl"}
+    assert len(data["results"]) == 2 * len(names)
+    for res in data["results"]:
+        assert res["skipped"] is None, res
+        assert len(res["times_s"]) == 2 and all(t > 0 for t in res["times_s"])
+        assert res["median_s"] > 0 and res["compile_s"] > 0 and res["params"] > 0 and res["flops_per_token"] > 0
+        assert res["ratio_vs_reference"] > 0
+        if res["candidate"] == "bst_sh_s4":
+            assert res["ratio_vs_reference"] == pytest.approx(1.0)
+    png = tmp_path / data["plot"]
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_layers_guard_and_errors(tmp_path):
+    out = tmp_path / "g.json"
+    r = CliRunner().invoke(app, ["bench", "layers", "--lengths", "128,1024", "--repeats", "1", "--kinds", "full",
+                                 *TINY_LAYERS, "--max-seconds", "1e-6", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    data = json.loads(out.read_text())
+    full = [x for x in data["results"] if x["candidate"] == "full"]
+    assert "max-seconds" in full[0]["skipped"] and len(full[0]["times_s"]) == 1  # timed once, then given up
+    assert "predicted" in full[1]["skipped"] and full[1]["times_s"] == []
+    r = CliRunner().invoke(app, ["bench", "layers", "--lengths", "100", *TINY_LAYERS])
+    assert r.exit_code == 2 and "multiple of --window" in r.output
+    r = CliRunner().invoke(app, ["bench", "layers", "--kinds", "s4", *TINY_LAYERS])
+    assert r.exit_code == 2 and "unknown candidate" in r.output
+
+
+def test_bench_layer_costs_come_from_the_registry():
+    from bstc.bench import CANDIDATES, BenchConfig, build_layer, layer_flops_per_token
+
+    cfg = BenchConfig(d_model=32, heads=2, window=16, ssm_state=8, context_states=4)
+    for name in CANDIDATES:
+        layer = build_layer(name, cfg, 64, key=jax.random.key(0))
+        y = eqx.filter_jit(lambda m, x: m(x))(layer, jnp.ones((1, 64, 32)))
+        assert y.shape == (1, 64, 32) and bool(jnp.all(jnp.isfinite(y)))
+        assert layer_flops_per_token(name, cfg, 64) > 0
+
+
+def test_bench_model_reports_mfu(tmp_path):
+    out = tmp_path / "m.json"
+    path = zoo.resolve("bst_sh_s4")
+    sets = [a for k, v in tiny_overrides(path).items() for a in ("--set", f"{k}={v}")]
+    r = CliRunner().invoke(app, ["bench", "model", str(path), *sets, "--batch", "2", "--steps", "2",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "MFU" in r.output and "tokens/s" in r.output
+    d = json.loads(out.read_text())
+    assert d["tokens_per_s"] > 0 and d["compile_s"] > 0 and len(d["step_times_s"]) == 2
+    assert 0 < d["mfu"] < 1.5 and d["matmul_peak_flops"] > 1e8
+    assert d["train_flops_per_token"] == pytest.approx(3 * d["flops_per_token"])
+    r = CliRunner().invoke(app, ["bench", "model", "no_such_model"])
+    assert r.exit_code == 2
+
+
+def _unroll_recurrences(model):
+    """XLA's cost analysis counts a loop body once: unroll the BRT's scan over blocks."""
+    from bstc.ops.brt import BlockRecurrent
+
+    is_brt = lambda m: isinstance(m, BlockRecurrent)  # noqa: E731
+    return jax.tree.map(lambda m: dataclasses.replace(m, unroll=True) if is_brt(m) else m, model, is_leaf=is_brt)
+
+
+@pytest.mark.parametrize("path", ZOO, ids=[p.name for p in ZOO])
+def test_explain_flops_match_xla_cost_analysis(path):
+    """Forward FLOPs/token × tokens from the ops' cost rules == XLA's count of the compiled forward
+    pass, within 10%. Layers are unrolled (scan=False) because XLA counts a loop body once."""
+    ov = tiny_overrides(path)
+    rep = bstc.explain(path, overrides=ov)
+    model = _unroll_recurrences(bstc.load(path, key=jax.random.key(0), overrides=ov, scan=False))
+    B, L = 2, rep.seq_len
+    params, static = eqx.partition(model, eqx.is_array)
+    tokens = jnp.zeros((B, L), jnp.int32)
+    cost = jax.jit(lambda p, t: eqx.combine(p, static)(t)).lower(params, tokens).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    assert rep.flops_per_token * B * L == pytest.approx(cost["flops"], rel=0.10)
