@@ -17,7 +17,7 @@ from bstc.runtime.errors import UsageError
 
 # Overrides applied to zoo models (paper-scale as written) unless --preset none: a BST small
 # enough to train for a few minutes on a laptop CPU.
-TINY = {"d_model": 128, "heads": 4, "seq_len": 256, "window": 64, "ssm_state": 32}
+TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 32, "groups": 1}
 
 TASKS = ("recall", "copy", "induction")
 OPTIMIZERS = ("adamw", "adafactor")

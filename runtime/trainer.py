@@ -49,11 +49,15 @@ def lr_multipliers(model) -> Any:
     def scaled(x) -> bool:
         return isinstance(x, eqx.Module) and getattr(x, "lr_multiplier", None) is not None
 
+    def trainable(a) -> bool:  # arrays, or their shapes from eqx.filter_eval_shape
+        return eqx.is_inexact_array(a) or (isinstance(a, jax.ShapeDtypeStruct)
+                                           and jnp.issubdtype(a.dtype, jnp.inexact))
+
     def label(x):
         if scaled(x):
             m = float(x.lr_multiplier)
-            return jax.tree.map(lambda a: m if eqx.is_inexact_array(a) else None, x)
-        return 1.0 if eqx.is_inexact_array(x) else None
+            return jax.tree.map(lambda a: m if trainable(a) else None, x)
+        return 1.0 if trainable(x) else None
 
     return jax.tree.map(label, model, is_leaf=scaled)
 
@@ -135,6 +139,25 @@ def make_train_step(tx, cfg: RunConfig, multipliers, nan_at_step: int | None = N
         return new, stats
 
     return train_step
+
+
+_STEPS: dict = {}
+
+
+def _compiled_step(spec: ModelSpec, cfg: RunConfig, nan_at_step: int | None):
+    """The optimizer and jitted step for this model + optimizer config, reused across runs in
+    one process (a resumed or repeated run in a notebook or a test compiles once)."""
+    opt = {k: v for k, v in cfg.to_dict().items()
+           if k in ("steps", "batch", "accum", "optimizer", "lr", "warmup", "min_lr_ratio",
+                    "weight_decay", "b1", "b2", "clip")}
+    key = (spec.fingerprint, repr(sorted(opt.items())), nan_at_step)
+    if key not in _STEPS:
+        if len(_STEPS) > 8:
+            _STEPS.clear()
+        tx = make_optimizer(cfg)
+        shapes = eqx.filter_eval_shape(spec.build, jax.random.PRNGKey(0))
+        _STEPS[key] = (tx, make_train_step(tx, cfg, lr_multipliers(shapes), nan_at_step))
+    return _STEPS[key]
 
 
 @eqx.filter_jit
@@ -247,7 +270,7 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     data_iter = D.train_iterator(train_src, cfg.batch, cfg.seed)
     val_batches = list(D.eval_batches(val_src, cfg.micro_batch, cfg.eval_batches))
 
-    tx = make_optimizer(cfg)
+    tx, step_fn = _compiled_step(spec, cfg, nan_at_step)
     state = init_state(spec, cfg, tx)
     ckpt = Checkpointer(ckpt_dir, keep=cfg.keep)
     meta = dict(fingerprint=spec.fingerprint, seq_len=seq_len)
@@ -261,7 +284,6 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
             raise
         start = int(state.step)
     write_run_files(run_dir, cfg, spec)  # only now: a refused resume leaves the run as it was
-    step_fn = make_train_step(tx, cfg, lr_multipliers(state.model), nan_at_step)
 
     bar = ProgressBar(cfg.steps, start, enabled=progress)
     nparams = count_params(state.model)

@@ -227,3 +227,15 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
     assert Checkpointer(run / "checkpoints").steps() == [last]
     model, step, _, _ = load_model(run, standin())
     assert step == last
+
+
+def test_adafactor_and_warmup_schedule(tmp_path):
+    from bstc.runtime.trainer import make_schedule
+
+    c = cfg(steps=20, optimizer="adafactor", warmup=5, lr=1e-2)
+    s = make_schedule(c)
+    assert float(s(0)) == 0.0 and abs(float(s(5)) - 1e-2) < 1e-9 and abs(float(s(20)) - 1e-3) < 1e-9
+    r = train(c, tmp_path / "r", standin(), **QUIET)
+    lr = [x["lr"] for x in read_metrics(tmp_path / "r") if x.get("split") == "train"]
+    assert lr[0] == 0.0 and max(lr) == pytest.approx(1e-2, rel=1e-6)  # logged lr follows the schedule
+    assert np.mean(list(r.losses.values())[-3:]) < np.mean(list(r.losses.values())[:3])

@@ -138,7 +138,22 @@ def test_the_readme_first_command_on_the_zoo_default(tmp_path):
     (run,) = list((tmp_path / "runs").iterdir())
     assert run.name.startswith("bst_sh_s4-")
     info = json.loads((run / "run.json").read_text())
-    assert info["overrides"]["d_model"] == 128 and info["seq_len"] == 256
-    r = bstc("eval", "--lengths", "256,512", "--max-tokens", "1024", timeout=900, cwd=tmp_path)
+    assert info["overrides"]["d_model"] == 128 and info["seq_len"] == 512
+    r = bstc("eval", "--lengths", "512,1024", "--max-tokens", "2048", timeout=900, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
-    assert "bits/byte" in r.stdout and "512" in r.stdout
+    assert "bits/byte" in r.stdout and "1024" in r.stdout
+
+
+def test_resume_equals_uninterrupted_on_a_real_bst(tmp_path):
+    f = tmp_path / "small_bst.bst"
+    f.write_text(SMALL_BST)
+    spec = spec_from_file(f, {})
+    c = RunConfig(steps=8, batch=4, eval_every=0, ckpt_every=4)
+    kw = dict(progress=False, plot=False, tensorboard=False)
+    full = train(c, tmp_path / "a", spec, **kw)
+    part = train(c, tmp_path / "b", spec, stop_after=3, **kw)
+    rest = train(c, tmp_path / "b", spec, resume=True, **kw)
+    joined = {**part.losses, **rest.losses}
+    assert sorted(joined) == list(range(1, 9))
+    np.testing.assert_allclose([joined[s] for s in range(1, 9)], [full.losses[s] for s in range(1, 9)],
+                               rtol=1e-6)
