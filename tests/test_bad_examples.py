@@ -836,6 +836,17 @@ CASES = [
         """,
          ("6:45", "YAML tag '!!python/object/apply:os.system' is not allowed",
           "model files are plain data: use only strings, numbers, booleans, lists and maps")),
+    case("yaml-alias", """
+        model: m
+        params: &p {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64, again: *p}
+        blocks:
+          local:
+            layers:
+              attn: {kind: block_attention, window: window}
+              mlp: {kind: mlp, hidden: 128}
+        layers: [embed, local, {head: tied}]
+        """,
+         ("2:80", "YAML aliases are not allowed", "write the value out: model files are plain data")),
     case("yaml-syntax-error", """
         model: m
         params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64

@@ -68,8 +68,8 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
 
     def walk(stmts, depth: int):
         for st in stmts:
-            if len(out.instances) > MAX_LAYERS:
-                return
+            if len(out.instances) > MAX_LAYERS and not isinstance(st, ast.Builtin):
+                continue  # reported once below; `head` etc. are still checked
             if isinstance(st, ast.Builtin):
                 if depth > 0:
                     errors.error(st.span, f"'{st.what}' cannot be inside 'repeat'")
@@ -95,6 +95,8 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
                     errors.error(st.count.span or st.span, f"repeat count {n} is too large (at most {MAX_LAYERS})")
                     continue
                 for _ in range(n):
+                    if len(out.instances) > MAX_LAYERS:
+                        break
                     walk(st.body, depth + 1)
             elif isinstance(st, ast.Override):
                 overrides.append(st)
