@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 from bstc import ir
 from bstc.ops import REGISTRY
 from bstc.passes.report import norm_kind, op_args
-from bstc.shard import ACTIVATION, constrain  # identity unless a sharded step is being traced
+from bstc.shard import ACTIVATION, SOURCE, constrain  # identity unless a sharded step is being traced
 
 REMAT_POLICIES = ("none", "full", "dots")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -50,7 +50,8 @@ class Block(eqx.Module):
             h = sub.norm(x) if (sub.norm is not None and sub.placement == "pre") else x
             ctx = outputs[sub.context_source] if sub.context_source else None
             y = sub.op(h, context=ctx, key=k)
-            if sub.keep_output:
+            if sub.keep_output:  # a context source (SSM): its FFT convolution splits over channels
+                y = constrain(y, SOURCE.get(y.ndim, ()))
                 outputs[sub.name] = y
             if sub.residual:
                 x = x + y.astype(x.dtype)

@@ -33,6 +33,8 @@ from bstc.errors import BstcError, Collector, Span
 from bstc.passes.mesh import DEFAULT_MESH_AXES, DEFAULT_RULES, LOGICAL_AXES, ResolvedMesh, resolve_mesh
 
 ACTIVATION = ("batch", "seq", "embed")  # the residual stream between blocks: (B, L, D)
+# The output of a context source (an SSM run over the whole sequence): (B, L, D) or (B, L, F, D).
+SOURCE = {3: ("batch", "seq", "channels"), 4: ("batch", "seq", "filters", "channels")}
 
 __all__ = [
     "ACTIVATION", "DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh", "ShardPlan",
@@ -128,10 +130,18 @@ _OUT_PROJ = ("o", "wo", "w_o", "out", "w_out", "o_proj", "out_proj", "proj_out",
 
 
 def _role_axes(role: str, path, shape: tuple, dims, names: tuple) -> tuple:
-    """Refine size-inferred names for ops that give none, by role. Attention projections are
-    stored (in, out): the input projections (q, k, v, fused qkv) are (embed, heads·kv) and the
-    output projection (heads·kv, embed), so tensor parallelism splits them by heads (Megatron's
-    column- then row-parallel pair)."""
+    """Refine size-inferred names for ops that give none, by role.
+
+    * attention projections are stored (in, out): the input projections (q, k, v, fused qkv)
+      are (embed, heads·kv) and the output projection (heads·kv, embed), so tensor parallelism
+      splits them by heads (Megatron's column- then row-parallel pair);
+    * SSM / long-convolution parameters are per channel: their width axis is `channels`, so the
+      FFT convolution runs split over channels (square projections stay (embed, ·))."""
+    if role == "ssm":
+        square = len(shape) == 2 and shape[0] == shape[1] == dims.d_model
+        if square:  # the output map after the convolution, stored (out, in) (used as y @ w_out.T)
+            return ("embed", "channels")
+        return tuple("channels" if n == "embed" else n for n in names)
     if role != "attn" or len(shape) != 2:
         return names
     leaf = ""
@@ -145,6 +155,8 @@ def _role_axes(role: str, path, shape: tuple, dims, names: tuple) -> tuple:
         return ("heads", "embed")
     if shape[0] == D and shape[1] % D == 0 and names[1] in (None, "embed"):
         return ("embed", "heads")
+    if shape[1] == D and shape[0] != D:  # learned vectors (context slots, memory): (slots, embed)
+        return (None, "embed")
     return names
 
 
@@ -639,3 +651,63 @@ def restore_checkpoint(directory, like, shardings=None):
     arrays, static = eqx.partition(like, eqx.is_array)
     leaves = ocp.StandardCheckpointer().restore(os.path.abspath(directory), abstract_like(like, shardings))
     return eqx.combine(jax.tree.unflatten(jax.tree.structure(arrays), list(leaves)), static)
+
+
+# ---- what a runtime needs, in one object -----------------------------------------------------------
+
+
+class Sharded:
+    """A run's mesh and plan, with the few operations a training loop needs:
+
+        sh = shard.Sharded.create(model_ir, "data=2,tensor=4", batch=cfg.batch)
+        state = sh.place(state)                       # params + optimizer state → NamedShardings
+        step = sh.jit_step(train_step, state, batch_ndim=3, batch_dim=1)  # in/out shardings
+        lo, hi = sh.rows(global_batch_size)           # this process's rows of every batch
+        batch = sh.batch(local_rows_dict, global_batch_size, batch_dim=1)
+        state = checkpointer.restore(..., shardings=sh.shardings(state))
+    """
+
+    def __init__(self, p: ShardPlan, mesh: Mesh):
+        self.plan, self.mesh = p, mesh
+
+    @classmethod
+    def create(cls, m: ir.Model, mesh: str | Mapping[str, int] | None = None, *, batch: int | None = None,
+               devices=None) -> "Sharded":
+        devs = list(devices if devices is not None else jax.devices())
+        p = plan(m, mesh, n_devices=len(devs), batch=batch)
+        return cls(p, make_mesh(p, devs))
+
+    @property
+    def is_trivial(self) -> bool:
+        return self.plan.mesh.size == 1 and jax.process_count() == 1
+
+    def describe(self) -> str:
+        return f"mesh {self.plan.mesh.describe()} ({self.plan.mesh.size} of {jax.device_count()} devices" + (
+            f", {jax.process_count()} processes)" if jax.process_count() > 1 else ")")
+
+    def shardings(self, tree):
+        return tree_shardings(tree, self.plan, self.mesh)
+
+    def place(self, tree):
+        return shard_tree(tree, self.shardings(tree))
+
+    def batch_sharding(self, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
+        return batch_sharding(self.plan, self.mesh, ndim, batch_dim)
+
+    def rows(self, global_batch_size: int, seq_len: int = 1, ndim: int = 2, batch_dim: int = 0) -> tuple[int, int]:
+        shape = [1] * ndim
+        shape[batch_dim] = global_batch_size
+        if batch_dim + 1 < ndim:
+            shape[batch_dim + 1] = seq_len
+        return local_rows(self.batch_sharding(ndim, batch_dim), tuple(shape), batch_dim)
+
+    def batch(self, local: Mapping[str, Any], global_rows: int, batch_dim: int = 0) -> dict:
+        ndim = np.ndim(next(iter(local.values())))
+        return global_batch(local, self.batch_sharding(ndim, batch_dim), global_rows, batch_dim)
+
+    def jit_step(self, step: Callable, state, batch_ndim: int = 2, batch_dim: int = 0, donate: bool = True):
+        bsh = self.batch_sharding(batch_ndim, batch_dim)
+        return sharded_step(step, self.mesh, self.plan, self.shardings(state), bsh, donate=donate)
+
+    def constrain_activations(self):
+        return activate(self.mesh, self.plan)

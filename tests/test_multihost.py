@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_shard import ROOT, write
+from test_shard import ROOT, RUN_MODEL
 
 WORKER = r'''
 import json, os, sys
@@ -88,12 +88,14 @@ def free_port() -> int:
 
 
 def test_two_processes_train_and_agree(tmp_path):
-    path = write(tmp_path)
+    path = tmp_path / "run.bst"
+    path.write_text(RUN_MODEL)
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     port = free_port()
     pypath = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
                PYTHONPATH=os.pathsep.join(pypath))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)

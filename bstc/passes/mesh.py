@@ -22,19 +22,22 @@ from bstc.errors import BstcError, Collector, Span, suggest, suggest_or_list
 from bstc.passes.evaluate import Scope, evaluate
 from bstc.syntax import ast
 
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "ssm_state", "vocab", "layers", "filters")
+# channels: the per-channel (depthwise) axis of SSM / long-convolution layers and their outputs.
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "ssm_state", "channels", "vocab", "layers", "filters")
 
 # The default mesh axes, outermost first: `tensor` innermost so tensor-parallel collectives
 # stay on the fastest links (neighbouring devices), `data` outermost (one all-reduce per step).
 DEFAULT_MESH_AXES = ("data", "fsdp", "tensor")
 
 # Data parallel over data and fsdp; parameters (and optimizer state) sharded over fsdp on their
-# model-width dimension; tensor parallel over attention heads, MLP hidden units and the vocabulary.
+# model-width dimension; tensor parallel over attention heads, MLP hidden units, SSM channels
+# (the FFT convolution is per channel) and the vocabulary.
 DEFAULT_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("batch", ("data", "fsdp")),
     ("embed", ("fsdp",)),
     ("heads", ("tensor",)),
     ("mlp", ("tensor",)),
+    ("channels", ("tensor",)),
     ("vocab", ("tensor",)),
 )
 
