@@ -174,6 +174,9 @@ def compile_(
     if res.get("xla_forward_flops"):
         typer.echo(f"  XLA cost (forward): {res['xla_forward_flops'] / 1e9:.3g} GFLOP "
                    f"(explain says {res['explain_forward_flops'] / 1e9:.3g} GFLOP)")
+        if res.get("scanned_stages"):
+            typer.echo("    note: XLA's cost analysis counts a lax.scan body once, not once per iteration; "
+                       "compile with --no-scan to compare FLOPs")
     if out:
         typer.echo(f"  wrote {out}/model.resolved.bst, {out}/forward.stablehlo.mlir, {out}/train_step.stablehlo.mlir")
 

@@ -35,7 +35,7 @@ def compile_model(source, *, overrides=None, batch: int = 2, remat: str = "none"
 
     from bstc import ir
     from bstc.frontend import parse
-    from bstc.lower import count_params, lower
+    from bstc.lower import Scanned, count_params, lower
     from bstc.passes.report import build_report
 
     t0 = time.perf_counter()
@@ -85,6 +85,7 @@ def compile_model(source, *, overrides=None, batch: int = 2, remat: str = "none"
         "xla_forward_flops": _flops(fwd),
         "explain_forward_flops": rep.flops_per_token * batch * L,
         "backend": jax.default_backend(),
+        "scanned_stages": sum(isinstance(s, Scanned) for s in model.stages),
     }
     if out_dir is not None:
         out_dir = Path(out_dir)
