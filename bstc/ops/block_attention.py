@@ -132,7 +132,8 @@ class BlockAttention(Op):
             out.append(Problem(f"seq_len ({dims.seq_len}) is not divisible by window ({args['window']})", "window",
                                "the sequence is split into blocks of `window` tokens"))
         if dims.d_model % H:
-            out.append(Problem(f"d_model ({dims.d_model}) is not divisible by heads ({H})", "heads" if args["heads"] else None))
+            out.append(Problem(f"d_model ({dims.d_model}) is not divisible by heads ({H})", "heads" if args["heads"] else None,
+                               "choose heads that divide d_model"))
         elif args["rope"] and (dims.d_model // H) % 2:
             out.append(Problem(f"rope needs an even head width, got d_model/heads = {dims.d_model // H}", "rope",
                                "use `rope: false` or change heads"))
