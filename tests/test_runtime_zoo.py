@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,7 +37,8 @@ pytestmark = pytest.mark.skipif(not _zoo_lowers(), reason="the zoo's layer ops a
 
 
 def bstc(*args, timeout=300, **kw):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120")
+    cache = os.path.join(tempfile.gettempdir(), "bstc-test-jax-cache")  # shared by the CLI runs
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="120", BSTC_JAX_CACHE=cache)
     return subprocess.run([sys.executable, "-m", "bstc.cli", *args], capture_output=True, text=True,
                           cwd=kw.pop("cwd", ROOT), env=env, timeout=timeout, **kw)
 
