@@ -298,7 +298,7 @@ def test_every_complete_example_in_the_docs_compiles(lang):
             pytest.fail(f"```{lang} block #{i} in docs/language.md does not compile:\n{e.render()}\n---\n{text}")
 
 
-def test_docs_error_examples_are_what_bstc_prints(tmp_path):
+def test_docs_error_examples_are_what_bstc_prints(tmp_path, monkeypatch):
     """Each ```text block in the docs that starts with `$ bstc validate FILE` shows the exact
     output for the ```bst block right before it (saved as FILE)."""
     from typer.testing import CliRunner
@@ -313,15 +313,8 @@ def test_docs_error_examples_are_what_bstc_prints(tmp_path):
         if cur.group(1) != "text" or not m or prev.group(1) != "bst-bad":
             continue
         (tmp_path / m.group(1)).write_text(prev.group(2))
-        runner = CliRunner()
-        import os
-
-        old = os.getcwd()
-        os.chdir(tmp_path)
-        try:
-            res = runner.invoke(app, ["validate", m.group(1)])
-        finally:
-            os.chdir(old)
+        monkeypatch.chdir(tmp_path)
+        res = CliRunner().invoke(app, ["validate", m.group(1)])
         assert res.exit_code == 1
         assert res.output.rstrip("\n") == cur.group(2)[m.end():].rstrip("\n")
         checked += 1
