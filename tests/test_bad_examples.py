@@ -458,7 +458,7 @@ CASES = [
           layers { embed; local; head tied }
         }
         """,
-         ("3:56", "d_model (64) is not divisible by heads (3)", None)),
+         ("3:56", "d_model (64) is not divisible by heads (3)", "choose heads that divide d_model")),
 
     # ---- context edges ----------------------------------------------------------------------------
     case("context-source-undefined", """
