@@ -88,7 +88,7 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
             continue
         seen[a.name] = a.span
         expr = over[a.name].value if a.name in over else a.value
-        if _check_forward_refs(expr, scope, pending_later, a.name, errors):
+        if _check_forward_refs(expr, scope, pending_later, a.name, errors, a.span):
             v = evaluate(expr, scope, errors)
         else:
             v = None
@@ -156,16 +156,24 @@ def _divisible_hint(n: int, d: int, what: str) -> str:
     return f"try {what} = {lo if lo > 0 else hi} or {hi}"
 
 
-def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: Collector) -> bool:
-    """A parameter may only use parameters defined above it (order is meaning)."""
+def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: Collector, where=None) -> bool:
+    """A parameter may only use parameters defined above it (order is meaning). `where`: the
+    parameter's definition, when `expr` comes from a --set override."""
     ok = True
     for node in _names(expr):
         if node.id in later and not scope.lookup(node.id)[0]:
+            ok = False
+            from_set = node.span is not None and node.span.file == SET_FILE
             if node.id == current:
-                errors.error(node.span, f"parameter '{current}' refers to itself")
-                ok = False
+                errors.error(node.span, f"parameter '{current}' refers to itself",
+                             f"an override replaces '{current}'; it cannot use the value it replaces"
+                             if from_set else None)
+            elif from_set:
+                errors.error(node.span, f"parameter '{node.id}' is used before it is defined",
+                             f"an override is evaluated where '{current}' is defined"
+                             + (f" (line {where.line})" if where is not None else "")
+                             + f", above `{node.id} = ...`")
             else:
-                ok = False
                 errors.error(node.span, f"parameter '{node.id}' is used before it is defined",
                              f"move `{node.id} = ...` above line {node.span.line if node.span else '?'}")
     return ok
