@@ -23,17 +23,6 @@ SMALL = ["--set", "d_model=32", "--set", "heads=2", "--set", "seq_len=64", "--se
          "--set", "ssm_state=8"]
 
 
-def _zoo_lowers() -> bool:
-    import bstc
-
-    try:
-        bstc.parse(str(resolve_model("bst_sh_s4")))
-        return True
-    except bstc.BstcError as e:  # the layer ops are written in parallel with the runtime
-        return "unknown layer kind" not in str(e)
-
-
-pytestmark = pytest.mark.skipif(not _zoo_lowers(), reason="the zoo's layer ops are not registered yet")
 
 
 def bstc(*args, timeout=300, **kw):
