@@ -3,11 +3,9 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +13,7 @@ import pytest
 
 from bstc.runtime import RunConfig, train
 from bstc.runtime.metrics import read_metrics
-from bstc.runtime.model import resolve_model, spec_from_file
+from bstc.runtime.model import spec_from_file
 
 ROOT = Path(__file__).resolve().parent.parent
 # A BST-SH small enough for seconds on a CPU: the zoo file with the conftest's TINY-like sizes.
