@@ -23,17 +23,14 @@ DIMS = Dims(vocab=256, d_model=D, heads=H, window=W, seq_len=L)
 
 CASES = {
     "full": ("full_attention", {}),
-    "full_norope": ("full_attention", {"rope": False}),
     "sliding": ("sliding_attention", {"window": W}),
     "xl": ("xl_attention", {"window": W}),
-    "xl_m24": ("xl_attention", {"window": W, "memory": 24}),
     "xl_m40": ("xl_attention", {"window": W, "memory": 40}),
     "brt_fixed_skip": ("brt", {"window": W}),
-    "brt_lstm_skip": ("brt", {"window": W, "gate": "lstm"}),
     "brt_fixed_mlp": ("brt", {"window": W, "state": 8, "skip": False, "hidden": 48}),
     "brt_lstm_mlp": ("brt", {"window": W, "state": 8, "gate": "lstm", "skip": False, "hidden": 48}),
     "gss": ("gss", {"state": 16}),
-    "gss_e2": ("gss", {"state": 8, "expand": 2}),
+    "gss_e2": ("gss", {"state": 8, "expand": 2, "ssm_dim": 12}),
 }
 
 
@@ -76,22 +73,16 @@ def naive_rope(x, pos):
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_param_count_equals_leaves_and_shape(case):
+def test_contract_and_causality(case):
+    """param_count == leaf count; (B, L, D) out; perturbing token t leaves outputs < t unchanged."""
     op, args, m = build(case)
     leaves = jax.tree.leaves(eqx.filter(m, eqx.is_inexact_array))
     assert op.param_count(args, DIMS, None) == sum(x.size for x in leaves)
-    y = eqx.filter_jit(lambda m, x: m(x))(m, x_input())
-    assert y.shape == (B, L, D) and y.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(y)))
     assert op.out_shape(args, DIMS) == ("B", L, D)
-
-
-@pytest.mark.parametrize("case", sorted(CASES))
-def test_causal_by_perturbation(case):
-    _, _, m = build(case)
     f = jax.jit(lambda x: m(x))
     x = x_input()
     y0 = f(x)
+    assert y0.shape == (B, L, D) and y0.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(y0)))
     scale = float(jnp.max(jnp.abs(y0)))
     for t in (0, W - 1, W, 2 * W + 5, L - 1):
         y1 = f(x.at[:, t].add(3.0))
@@ -163,7 +154,7 @@ def test_sliding_is_not_full():
     assert not jnp.allclose(y0[:, W:2 * W], y1[:, W:2 * W], atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["xl", "xl_m24", "xl_m40"])
+@pytest.mark.parametrize("case", ["xl", "xl_m40"])
 def test_xl_equals_dense_with_memory_band(case):
     from bstc.ops.xl_attention import t5_buckets
 
@@ -211,7 +202,7 @@ def test_xl_memory_carries_no_gradient():
 # ---- Block-Recurrent Transformer ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("case", ["brt_fixed_skip", "brt_lstm_skip", "brt_fixed_mlp", "brt_lstm_mlp"])
+@pytest.mark.parametrize("case", ["brt_fixed_skip", "brt_fixed_mlp", "brt_lstm_mlp"])
 def test_brt_scan_equals_unrolled_python_loop(case):
     _, _, m = build(case)
     x = x_input()
@@ -267,3 +258,11 @@ def test_gss_reaches_the_whole_prefix():
     f = jax.jit(lambda x: m(x))
     x = x_input()
     assert float(jnp.max(jnp.abs(f(x)[:, -1] - f(x.at[:, 0].add(5.0))[:, -1]))) > 1e-5
+
+
+@pytest.mark.parametrize("case", ["brt_fixed_mlp", "gss", "xl"])
+def test_no_array_is_shared_between_leaves(case):
+    """Every parameter leaf is its own buffer: a training step donates them all."""
+    _, _, m = build(case)
+    leaves = jax.tree.leaves(eqx.filter(m, eqx.is_array))
+    assert len({id(x) for x in leaves}) == len(leaves)

@@ -283,17 +283,18 @@ class BlockRecurrentOp(Op):
         D, S, F, W = dims.d_model, states_of(args, dims), hidden_of(args, dims), int(args["window"])
         gate_kind = str(args.get("gate", "fixed"))
         ks = jax.random.split(key, 12)
-        ones = jnp.ones((D,), jnp.float32)
+        # A fresh array per norm: one array in several leaves breaks buffer donation in the train step.
+        ones = lambda: jnp.ones((D,), jnp.float32)  # noqa: E731
         state_mlp = None
         if not args.get("skip", True):
-            state_mlp = StateMLP(ones, dense_init(ks[8], D, F), jnp.zeros((F,)), dense_init(ks[9], F, D),
+            state_mlp = StateMLP(ones(), dense_init(ks[8], D, F), jnp.zeros((F,)), dense_init(ks[9], F, D),
                                  jnp.zeros((D,)), Gate.make(gate_kind, F, D, ks[10]))
         return BlockRecurrent(
-            norm1=ones, w_qkvq=dense_init(ks[0], D, 4 * D), w_o=dense_init(ks[1], 2 * D, D), norm2=ones,
+            norm1=ones(), w_qkvq=dense_init(ks[0], D, 4 * D), w_o=dense_init(ks[1], 2 * D, D), norm2=ones(),
             mlp_w1=dense_init(ks[2], D, F), mlp_b1=jnp.zeros((F,)), mlp_w2=dense_init(ks[3], F, D),
             mlp_b2=jnp.zeros((D,)),
             # meliad: initial state small (0.1) but large enough for Adafactor to scale its updates.
             init_state=0.1 * jax.random.normal(ks[4], (S, D)), state_pos=jax.random.normal(ks[5], (S, D)),
-            norm_s=ones, s_qkvq=dense_init(ks[6], D, 4 * D), s_o=dense_init(ks[7], 2 * D, D),
+            norm_s=ones(), s_qkvq=dense_init(ks[6], D, 4 * D), s_o=dense_init(ks[7], 2 * D, D),
             gate=Gate.make(gate_kind, 2 * D, D, ks[11]), state_mlp=state_mlp,
             heads=heads_of(args, dims), window=W)
