@@ -25,7 +25,7 @@ def fail(message: str, code: int = 2) -> None:
 # Sub-command groups defined in other modules register themselves here. Each module has a
 # `register(app)` function; keeping them apart lets the compiler, runtime and benchmarks grow
 # independently.
-_COMMAND_MODULES = ("bstc.commands", "bstc.runtime.commands", "bstc.bench")
+_COMMAND_MODULES = ("bstc.commands", "bstc.runtime.commands", "bstc.runtime.sampling", "bstc.bench")
 
 for _name in _COMMAND_MODULES:
     try:
