@@ -61,7 +61,7 @@ def validate(
     import bstc
 
     overrides = _sets_or_exit(set_)
-    failed = 0
+    failed = missing = 0
     for f in files:
         try:
             m = bstc.parse(f, overrides=overrides)
@@ -71,9 +71,11 @@ def validate(
             continue
         except FileNotFoundError as e:
             typer.echo(f"bstc: error: {e.args[0]}", err=True)
-            failed += 1
+            missing += 1
             continue
         typer.echo(f"{f}: ok — model {m.name}, {len(m.layers)} blocks")
+    if missing:  # misuse (a path that does not exist) outranks a model-file error
+        raise typer.Exit(2)
     if failed:
         raise typer.Exit(1)
 

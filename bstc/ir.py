@@ -139,30 +139,107 @@ def _bst_value(v: Any) -> str:
     return s if s.isidentifier() else f'"{s}"'
 
 
-def to_bst(m: Model) -> str:
-    """A valid `.bst` file for the resolved model: every parameter and argument spelled out.
+def _sub_args(s: Sublayer, consumed: bool) -> dict[str, Any]:
+    """Every argument of a sublayer as written in a .bst file (residual only where it is not the default)."""
+    args = dict(s.args)
+    args.update(norm=s.norm, placement=s.placement)
+    if s.residual != (not consumed):
+        args["residual"] = s.residual
+    return args
 
-    Each distinct block (block name + resolved sublayers) becomes one block definition; a block
-    whose occurrences were overridden differently gets suffixed variants (`bst_2`, …)."""
-    names: dict = {}
-    defs: list[str] = []
-    per_block: dict[str, int] = {}
+
+def _template_fits(t: BlockInstance, o: BlockInstance) -> bool:
+    """Can occurrence `o` be written as template `t` plus per-occurrence overrides and edge variants?
+    (`o` may lack context sources that `t` has, when its edges say `none`.)"""
+    tsubs = {s.name: s for s in t.sublayers}
+    onames = [s.name for s in o.sublayers]
+    if [n for n in tsubs if n in onames] != onames:
+        return False
+    removed = set(tsubs) - set(onames)
+    for s in o.sublayers:
+        ts = tsubs[s.name]
+        if s.kind != ts.kind:
+            return False
+        if ts.context is None and s.context is not None:
+            return False
+        if ts.context is not None and s.context is None and ts.context.source not in removed:
+            return False
+        if s.context is not None and s.context.source != ts.context.source:
+            return False
+    consumers = {ts.context.source for ts in t.sublayers if ts.context}
+    return removed <= consumers
+
+
+def to_bst(m: Model) -> str:
+    """A valid `.bst` file for the resolved model, every parameter and argument spelled out, that
+    parses back to an equal IR.
+
+    Each block is written once, from its occurrence with the most sublayers; the context variant
+    of each of its edges becomes a block parameter (`ctx_attn`), so an occurrence whose edge is
+    `none` (its SSM dropped) is `bst(ctx_attn = none)`, and arguments that differ per occurrence
+    become overrides (`bst.1 { ssm.state = 128 }`). Only an occurrence that cannot be written so
+    gets a block of its own (`bst_2`)."""
+    by_block: dict[str, list[BlockInstance]] = {}
     for inst in m.layers:
-        if inst.signature in names:
-            continue
-        n = per_block.get(inst.block, 0) + 1
-        per_block[inst.block] = n
-        bname = inst.block if n == 1 else f"{inst.block}_{n}"
-        names[inst.signature] = bname
-        lines = [f"  block {bname} {{"]
-        for s in inst.sublayers:
-            args = [f"{k}: {_bst_value(v)}" for k, v in s.args]
-            args += [f"norm: {s.norm}", f"placement: {s.placement}", f"residual: {_bst_value(s.residual)}"]
+        by_block.setdefault(inst.block, []).append(inst)
+    templates: dict[str, BlockInstance] = {}
+    variants: dict = {}  # signature -> block name, for occurrences that need their own block
+    for b, insts in by_block.items():
+        t = max(insts, key=lambda i: len(i.sublayers))
+        templates[b] = t
+        n = 1
+        for o in insts:
+            if not _template_fits(t, o) and o.signature not in variants:
+                n += 1
+                variants[o.signature] = (f"{b}_{n}", o)
+
+    def block_def(name: str, t: BlockInstance, param_edges: bool) -> str:
+        consumed = {s.context.source for s in t.sublayers if s.context}
+        params = [f"ctx_{s.name} = {s.context.variant}" for s in t.sublayers if s.context and param_edges]
+        lines = [f"  block {name}" + (f"({', '.join(params)})" if params else "") + " {"]
+        for s in t.sublayers:
+            args = [f"{k}: {_bst_value(v)}" for k, v in _sub_args(s, s.name in consumed).items()]
             if s.context:
-                args.append(f"context: {s.context.source} -> {s.context.variant}")
+                args.append(f"context: {s.context.source} -> {'ctx_' + s.name if param_edges else s.context.variant}")
             lines.append(f"    {s.name} = {s.kind}({', '.join(args)})")
         lines.append("  }")
-        defs.append("\n".join(lines))
+        return "\n".join(lines)
+
+    defs = [block_def(b, t, True) for b, t in templates.items()]
+    defs += [block_def(name, o, False) for name, o in variants.values()]
+
+    uses, overrides = [], []
+    counters: dict[str, int] = {}
+    for inst in m.layers:
+        share = f" share {inst.share}" if inst.share else ""
+        if inst.signature in variants:
+            uses.append(f"    {variants[inst.signature][0]}{share}")
+            continue
+        t = templates[inst.block]
+        idx = counters.get(inst.block, 0)
+        counters[inst.block] = idx + 1
+        osubs = {s.name: s for s in inst.sublayers}
+        call = []
+        for ts in t.sublayers:
+            if ts.context:
+                os_ = osubs.get(ts.name)
+                v = os_.context.variant if os_ is not None and os_.context else "none"
+                if v != ts.context.variant:
+                    call.append(f"ctx_{ts.name} = {v}")
+        uses.append(f"    {inst.block}" + (f"({', '.join(call)})" if call else "") + share)
+        t_consumed = {s.context.source for s in t.sublayers if s.context}
+        o_consumed = {s.context.source for s in inst.sublayers if s.context} | (
+            {s.name for s in t.sublayers} - set(osubs))
+        sets = []
+        for ts in t.sublayers:
+            os_ = osubs.get(ts.name)
+            if os_ is None:
+                continue
+            want, have = _sub_args(os_, ts.name in o_consumed), _sub_args(ts, ts.name in t_consumed)
+            sets += [f"{ts.name}.{k} = {_bst_value(v)}" for k, v in want.items() if have.get(k, object()) != v]
+        if sets:
+            overrides.append(f"    {inst.block}.{idx} {{ {'; '.join(sets)} }}")
+
     out = [f"# resolved by bstc from {m.file}", f"model {m.name} {{"]
     out += [f"  {k} = {_bst_value(v)}" for k, v in m.params.items()]
     out += defs
@@ -171,8 +248,7 @@ def to_bst(m: Model) -> str:
         out.append("  rules { " + "; ".join(f"{k} -> ({', '.join(v)})" for k, v in m.mesh.rules) + " }")
     out.append("  layers {")
     out.append("    embed")
-    for inst in m.layers:
-        out.append(f"    {names[inst.signature]}" + (f" share {inst.share}" if inst.share else ""))
+    out += uses + overrides
     if m.final_norm:
         out.append(f"    norm {m.final_norm}")
     out.append(f"    head {'tied' if m.head_tied else 'untied'}")

@@ -168,7 +168,7 @@ def test_nonexistent_file_is_one_line(run, tmp_path):
 def test_validate_nonexistent_file_is_one_line(run, tmp_path):
     missing = tmp_path / "nope.bst"
     res = run("validate", missing)
-    assert res.exit_code != 0
+    assert res.exit_code == 2
     assert _one_line_error(res) == f"bstc: error: no such model file: {missing}"
 
 

@@ -255,13 +255,12 @@ MESHED = _model("""
     """)
 
 
-# ir.to_bst prints an occurrence that differs from the first one of its block (a per-occurrence
-# override, `bst(context = none)`) as a new block `bst_2`, which renames and renumbers it.
-_TO_BST_BUG = pytest.mark.xfail(strict=True, reason="ir.to_bst renames differing occurrences (bst -> bst_2)")
+# Occurrences that differ from the rest of their block (a per-occurrence override,
+# `bst(context = none)`) are written back as overrides and edge-variant parameters.
 _ROUND_TRIP = [*ZOO, NESTED, SHARED, MESHED,
-               pytest.param(BST3, marks=_TO_BST_BUG, id="occurrence-override"),
+               pytest.param(BST3, id="occurrence-override"),
                pytest.param(BST3.replace("bst.1 { ssm.state = 128; mlp.act = relu }", "bst(context = none)"),
-                            marks=_TO_BST_BUG, id="context-none")]
+                            id="context-none")]
 
 
 @pytest.mark.parametrize("source", _ROUND_TRIP, ids=[*_ids(ZOO), "nested", "shared", "meshed", None, None][:len(_ROUND_TRIP)])
