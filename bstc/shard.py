@@ -278,16 +278,37 @@ class ShardPlan:
         """Per-device bytes: parameters, gradients, optimizer moments (f32, sharded like the
         parameters), and activations kept for backward at `batch` (sharded over the batch and
         seq axes), from bstc explain's estimate."""
-        from bstc.passes.report import build_report
-
         batch = batch or self.batch or 8
         f32_pd = sum(r.bytes_per_device * 4 / max(np.dtype(r.dtype).itemsize, 1) for r in self.rows)
-        rep = build_report(self.model, batch=batch)
-        act_shards = math.prod(_shards(self.spec(("batch", "seq")), self.sizes)) or 1
         out = dict(params=self.param_bytes_per_device, grads=self.param_bytes_per_device,
-                   optimizer=optimizer_moments * f32_pd, activations=rep.activation_bytes / act_shards)
+                   optimizer=optimizer_moments * f32_pd, activations=self.activation_bytes(batch))
         out["total"] = sum(out.values())
         return out
+
+
+    def activation_bytes(self, batch: int) -> float:
+        """Per-device activations kept for backward (bstc explain's per-op estimate): tokens split
+        over the batch and seq axes; inside a sublayer, what goes beyond its residual-stream input
+        split over its tensor-parallel axis (heads, mlp, channels), the logits over vocab."""
+        from bstc.ops import REGISTRY
+        from bstc.passes.report import op_args
+
+        d = self.model.dims
+        item = 2 if d.dtype == "bfloat16" else 4
+        split = lambda name: math.prod(_shards(self.spec((name,)), self.sizes)) or 1  # noqa: E731
+        by_role = {"attn": "heads", "mlp": "mlp", "ssm": "channels"}
+        emb = REGISTRY["embedding"]
+        per_token = emb.activation_bytes_per_token(op_args("embedding"), d, None)
+        for inst in self.model.layers:
+            for s in inst.sublayers:
+                op = REGISTRY[s.kind]
+                a = op.activation_bytes_per_token(s.kwargs, d, s.context.spec if s.context else None)
+                resid = d.d_model * item
+                k = split(by_role[op.role]) if op.role in by_role else 1
+                per_token += min(a, resid) + max(a - resid, 0.0) / k
+        per_token += d.vocab * 4 / split("vocab")  # f32 logits
+        tokens = batch * d.seq_len / (math.prod(_shards(self.spec(("batch", "seq")), self.sizes)) or 1)
+        return per_token * tokens
 
 
 def _display_dtype(a) -> str:
@@ -546,12 +567,17 @@ def sharded_step(step: Callable, mesh: Mesh, rules, state_shardings, batch_shard
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
                            process_id: int | None = None, *, cpu_collectives: str | None = None,
                            timeout_s: int | None = None) -> bool:
-    """jax.distributed.initialize from flags, or from the environment JAX reads (on Cloud TPU,
-    SLURM, Open MPI, Kubernetes JAX finds everything itself; elsewhere JAX_COORDINATOR_ADDRESS,
-    JAX_NUM_PROCESSES, JAX_PROCESS_ID). Returns True when this is a multi-process run.
+    """jax.distributed.initialize from flags, or from JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES,
+    JAX_PROCESS_ID; coordinator="auto" lets JAX detect the cluster (Cloud TPU, SLURM, Open MPI,
+    Kubernetes). Without any of these: nothing (a one-process run). Returns True when this is a
+    multi-process run.
 
     On CPU, cross-process collectives need gloo (set before initialize)."""
     env = os.environ
+    if coordinator == "auto":  # Cloud TPU, SLURM, Open MPI, Kubernetes: JAX finds everything
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
+        jax.distributed.initialize()
+        return jax.process_count() > 1
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
     if num_processes is None and env.get("JAX_NUM_PROCESSES"):
         num_processes = int(env["JAX_NUM_PROCESSES"])
@@ -559,9 +585,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
         process_id = int(env["JAX_PROCESS_ID"])
     if coordinator is None and num_processes is None:
         return False
-    platforms = (env.get("JAX_PLATFORMS") or "").lower()
-    if cpu_collectives or "cpu" in platforms:
-        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
+    # Cross-process collectives between CPU devices need gloo; it changes nothing for GPU/TPU.
+    jax.config.update("jax_cpu_collectives_implementation", cpu_collectives or "gloo")
     kw: dict[str, Any] = {}
     if timeout_s is not None:
         kw["initialization_timeout"] = timeout_s
@@ -711,3 +736,33 @@ class Sharded:
 
     def constrain_activations(self):
         return activate(self.mesh, self.plan)
+
+    def data_shard(self, global_rows: int, ndim: int = 3, batch_dim: int = 1) -> tuple[int, int]:
+        """(index, count): this process reads every count-th example starting at index, so the
+        processes together read each global batch once (count == 1: every process reads it all,
+        when the batch axes do not span processes)."""
+        lo, hi = self.rows(global_rows, 1, ndim, batch_dim)
+        per = hi - lo
+        return lo // per, global_rows // per
+
+    def replicate(self, tree):
+        """Host arrays (the same on every process) → arrays replicated over the mesh."""
+        repl = NamedSharding(self.mesh, P())
+        return jax.tree.map(lambda x: _put(np.asarray(x), repl), tree)
+
+
+def for_run(model_file, overrides: Mapping[str, Any] | None, mesh: str | None, batch: int) -> Sharded | None:
+    """The Sharded of a training run, or None when it runs on one device as before: no --mesh,
+    no mesh section in the model, one device, one process. `batch`: the per-step batch that is
+    split over the batch axes (the micro-batch under gradient accumulation)."""
+    if mesh is None and jax.device_count() == 1 and jax.process_count() == 1:
+        return None  # one device: nothing to place, whatever the model file's mesh says
+    if model_file is None:
+        if mesh is not None:
+            raise ValueError("--mesh needs a bstc model file")
+        return None
+    import bstc
+
+    m = bstc.parse(str(model_file), overrides=dict(overrides) if overrides else None)
+    sh = Sharded.create(m, mesh, batch=batch)
+    return None if sh.is_trivial else sh

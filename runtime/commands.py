@@ -99,8 +99,21 @@ def train(
     keep: Optional[int] = typer.Option(None, "--keep", help="Keep the last N checkpoints (default 3)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, shuffling and dropout (default 0)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    mesh: Optional[str] = typer.Option(
+        None, "--mesh", help="Device mesh, e.g. data=2,tensor=4 (default: the model's mesh section, "
+        "else data parallel over every device). See docs/scaling.md."),
+    coordinator: Optional[str] = typer.Option(
+        None, "--coordinator", help="Multi-host: host:port of process 0 (jax.distributed), or 'auto' "
+        "to let JAX detect the cluster (Cloud TPU, SLURM). Default: JAX_COORDINATOR_ADDRESS."),
+    num_processes: Optional[int] = typer.Option(None, "--num-processes", help="Multi-host: number of processes."),
+    process_id: Optional[int] = typer.Option(None, "--process-id", help="Multi-host: this process's index."),
 ):
     """Train a model; writes checkpoints, metrics.jsonl, TensorBoard logs and loss.png to the run directory."""
+    from bstc import shard
+
+    # Multi-host (flags, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): join
+    # the other processes with jax.distributed before any JAX work. A no-op otherwise.
+    shard.initialize_distributed(coordinator, num_processes, process_id)
     from bstc.runtime.config import RunConfig, parse_sets
     from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
 
@@ -108,7 +121,7 @@ def train(
     sets = parse_sets(set_)
     flags = dict(model=model, data=data, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
-                 eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed)
+                 eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
     if resume:
         run_dir = output or _latest_run()
         if not (run_dir / "config.yaml").is_file():
@@ -137,9 +150,12 @@ def train(
 
         overrides = {**json.loads((run_dir / "run.json").read_text()).get("overrides", {}), **sets}
     spec = spec_from_file(model_path, overrides)
+    import jax
+
     from bstc.runtime.trainer import train as run
 
-    run(cfg, run_dir, spec, resume=resume, progress=not quiet)
+    lead = jax.process_index() == 0  # multi-host: one progress bar and one loss plot (process 0's)
+    run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead)
 
 
 def _lengths(text: Optional[str]) -> list[int] | None:

@@ -51,6 +51,8 @@ class RunConfig:
     ckpt_every: int = 100                 # checkpoint every N steps (and always at the end)
     keep: int = 3                         # keep the last N checkpoints
     log_every: int = 1
+    mesh: str | None = None               # device mesh, e.g. "data=2,tensor=4" (bstc.shard; default:
+                                          # the model's mesh section, else data parallel over all devices)
 
     def __post_init__(self):
         self.validate()

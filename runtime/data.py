@@ -237,15 +237,21 @@ def make_source(*, data: str | None, task: str | None, split: str, seq_len: int,
 READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)
 
 
-def train_iterator(source, batch: int, seed: int) -> grain.DatasetIterator:
-    """Shuffled (a new order every epoch), repeated, batched; checkpointable with get_state()."""
+def train_iterator(source, batch: int, seed: int, shard: tuple[int, int] = (0, 1)) -> grain.DatasetIterator:
+    """Shuffled (a new order every epoch), repeated, batched; checkpointable with get_state().
+
+    shard=(i, n): a multi-process run; this process reads examples i, i+n, i+2n, … of the
+    stream and yields batch // n of them per step (the processes together read each batch once)."""
     if len(source) < batch:
         raise DataError(f"training data too small: {len(source)} sequences of "
                         f"{getattr(source, 'seq_len', '?')} tokens, fewer than one batch of {batch}")
     ds = grain.MapDataset.source(source)
     if not isinstance(source, Task):  # tasks are already i.i.d. in their index
         ds = ds.shuffle(seed=seed).repeat(None)
-    ds = ds.batch(batch, drop_remainder=True)
+    index, count = shard
+    if count > 1:
+        ds = ds[index::count]
+    ds = ds.batch(batch // count, drop_remainder=True)
     return iter(ds.to_iter_dataset(READ))
 
 

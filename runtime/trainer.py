@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from bstc import shard
 from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
@@ -267,11 +268,18 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
                task_args=cfg.task_args)
     train_src = D.make_source(split="train", **src)
     val_src = D.make_source(split="validation", **src)
-    data_iter = D.train_iterator(train_src, cfg.batch, cfg.seed)
+    # Several devices or processes, a --mesh or a mesh section: place everything with bstc.shard.
+    sh = shard.for_run(spec.file, spec.overrides, cfg.mesh, cfg.micro_batch)
+    data_shard = sh.data_shard(cfg.micro_batch) if sh is not None else (0, 1)
+    data_iter = D.train_iterator(train_src, cfg.batch, cfg.seed, shard=data_shard)
     val_batches = list(D.eval_batches(val_src, cfg.micro_batch, cfg.eval_batches))
 
     tx, step_fn = _compiled_step(spec, cfg, nan_at_step)
     state = init_state(spec, cfg, tx)
+    if sh is not None:
+        state = sh.place(state)  # params + optimizer state sharded by the rules; restore keeps it
+        step_fn = sh.jit_step(step_fn, state, batch_ndim=3, batch_dim=1)
+        val_batches = [sh.replicate(b) for b in val_batches]
     ckpt = Checkpointer(ckpt_dir, keep=cfg.keep)
     meta = dict(fingerprint=spec.fingerprint, seq_len=seq_len)
 
@@ -290,10 +298,14 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     what = f"task {cfg.task}" if cfg.task else f"data {cfg.data or 'stdlib (embedded Python sources)'}"
     bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
               f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
-              (f" (resuming at step {start})" if start else ""))
+              (f" (resuming at step {start})" if start else "") + (f" · {sh.describe()}" if sh else ""))
     peak = measure_peak_flops() if spec.flops_per_token and progress else None
 
-    writer = MetricsWriter(run_dir, start_step=start, tensorboard=tensorboard)
+    log_dir = run_dir  # multi-host: process 0 writes the run's metrics, the others their own
+    if jax.process_index() > 0:
+        log_dir = run_dir / f"process-{jax.process_index()}"
+        log_dir.mkdir(parents=True, exist_ok=True)
+    writer = MetricsWriter(log_dir, start_step=start, tensorboard=tensorboard)
     result = RunResult(run_dir=run_dir, step=start)
     tokens_per_step = cfg.batch * seq_len
     tps, t_last = 0.0, None
@@ -315,8 +327,12 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
         with _Signals() as sig, bar:
             for step in range(start + 1, cfg.steps + 1):
                 batch = next(data_iter)
-                batch = {k: jnp.asarray(v).reshape(cfg.accum, cfg.micro_batch, *v.shape[1:])
-                         for k, v in batch.items()}
+                if sh is not None:  # this process's rows → one global array per key
+                    batch = sh.batch({k: np.asarray(v).reshape(cfg.accum, -1, *v.shape[1:])
+                                      for k, v in batch.items()}, cfg.micro_batch, batch_dim=1)
+                else:
+                    batch = {k: jnp.asarray(v).reshape(cfg.accum, cfg.micro_batch, *v.shape[1:])
+                             for k, v in batch.items()}
                 new_state, stats = step_fn(state, batch)
                 loss = float(stats["loss"])
                 if not math.isfinite(loss):
