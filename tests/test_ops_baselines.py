@@ -266,3 +266,14 @@ def test_no_array_is_shared_between_leaves(case):
     _, _, m = build(case)
     leaves = jax.tree.leaves(eqx.filter(m, eqx.is_array))
     assert len({id(x) for x in leaves}) == len(leaves)
+
+
+@pytest.mark.parametrize("case", ["full", "xl", "brt_lstm_mlp", "gss"])
+def test_logical_axes_by_name(case):
+    """One logical name (or None) per array dimension; names from the parameter's role, not its size."""
+    op, args, m = build(case)
+    axes = jax.tree.leaves(op.logical_axes(args, DIMS, None, m), is_leaf=lambda t: isinstance(t, tuple))
+    arrays = jax.tree.leaves(eqx.filter(m, eqx.is_array))
+    assert len(axes) == len(arrays) and all(len(a) == x.ndim for a, x in zip(axes, arrays))
+    named = {n for a in axes for n in a if n}
+    assert named <= {"embed", "mlp"} and "embed" in named

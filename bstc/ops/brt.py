@@ -39,10 +39,16 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops.full_attention import (GELU_FLOPS, RMS_FLOPS, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window,
-                                     dense_init, heads_of, merge_heads, plain_axes, rms_norm, split_heads)
+                                     dense_init, heads_of, merge_heads, named_axes, rms_norm, split_heads)
 from bstc.ops.sliding_attention import sliding_mask, with_previous_block
 
 GATES = ("fixed", "lstm")
+E, M = ("embed",), ("mlp",)
+BRT_AXES = {"norm1": E, "norm2": E, "norm_s": E, "norm": E, "bias": E, "b_i": E, "b_f": E, "mlp_b2": E, "b2": E,
+            "w_qkvq": ("embed", None), "s_qkvq": ("embed", None), "w_o": (None, "embed"), "s_o": (None, "embed"),
+            "w_i": (None, "embed"), "w_f": (None, "embed"), "init_state": (None, "embed"),
+            "state_pos": (None, "embed"), "mlp_w1": ("embed", "mlp"), "w1": ("embed", "mlp"), "mlp_b1": M, "b1": M,
+            "mlp_w2": ("mlp", "embed"), "w2": ("mlp", "embed")}
 
 
 def states_of(args, dims: Dims) -> int:
@@ -277,7 +283,7 @@ class BlockRecurrentOp(Op):
         return (10 * D + 2 * F) * item + H * (2 * W + S) * 4 + S * 8 * D * item / W
 
     def logical_axes(self, args, dims: Dims, context, module):
-        return plain_axes(module, dims, hidden_of(args, dims))
+        return named_axes(module, BRT_AXES)
 
     def build(self, args, dims: Dims, context, *, key):
         D, S, F, W = dims.d_model, states_of(args, dims), hidden_of(args, dims), int(args["window"])

@@ -76,19 +76,23 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def plain_axes(module, dims: Dims, hidden: int | None = None):
-    """Logical axes for the baselines' parameters: d_model dims are 'embed', MLP widths 'mlp', the
-    rest (fused q/k/v outputs, state slots, position buckets) unsharded. Overrides the size-based
-    default, which would read a BRT's `state` (number of state vectors) as an SSM state size."""
-    table = ([(hidden, "mlp")] if hidden else []) + [(dims.d_model, "embed")]
+def named_axes(module, table: Mapping[str, tuple]):
+    """Logical axes by parameter name: `table[field]` for an array held in a field of that name
+    (nested modules included), unsharded (all None) otherwise. Names, not sizes: a baseline's
+    sizes collide too easily (a BRT's 4·D fused projection and its 4·D MLP, 32 position buckets
+    and d_model 32) for the size-based default to tell them apart."""
 
-    def axes(a):
-        out: list = []
-        for n in a.shape:
-            out.append(next((nm for size, nm in table if size == n and nm not in out), None))
-        return tuple(out)
+    def axes(path, a):
+        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
+            return None
+        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        ax = table.get(name)
+        return tuple(ax) if ax is not None and len(ax) == len(a.shape) else (None,) * len(a.shape)
 
-    return jax.tree.map(lambda a: axes(a) if hasattr(a, "shape") and hasattr(a, "dtype") else None, module)
+    return jax.tree_util.tree_map_with_path(axes, module)
+
+
+ATTN_AXES = {"w_qkv": ("embed", None), "w_q": ("embed", None), "w_kv": ("embed", None), "w_o": (None, "embed")}
 
 
 def split_heads(x: Float[Array, "*b T HD"], heads: int) -> Float[Array, "*b T H dh"]:
@@ -158,7 +162,7 @@ class FullAttentionOp(Op):
         return 4 * dims.d_model * item + heads_of(args, dims) * dims.seq_len * 4
 
     def logical_axes(self, args, dims: Dims, context, module):
-        return plain_axes(module, dims)
+        return named_axes(module, ATTN_AXES)
 
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model

@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops import _ssm
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, fft_len, register
-from bstc.ops.full_attention import GELU_FLOPS, dense_init
+from bstc.ops.full_attention import GELU_FLOPS, dense_init, named_axes
 
 
 def gss_sizes(args, dims: Dims) -> tuple[int, int, int]:
@@ -113,16 +113,10 @@ class GatedStateSpaceOp(Op):
         return (3 * F + dims.d_model) * item + 4 * hs * 4  # gate branches, f32 FFT buffers
 
     def logical_axes(self, args, dims: Dims, context, module):
-        F, hs, _ = gss_sizes(args, dims)
-        table = [(F, "mlp"), (dims.d_model, "embed")]
-
-        def axes(a):
-            out: list = []
-            for n in a.shape:
-                out.append(next((nm for size, nm in table if size == n and nm not in out), None))
-            return tuple(out)
-
-        return jax.tree.map(lambda a: axes(a) if hasattr(a, "shape") and hasattr(a, "dtype") else None, module)
+        # The gate branch is MLP-like (embed -> mlp -> embed); the narrow SSM path stays whole.
+        return named_axes(module, {"w_v": ("embed", "mlp"), "b_v": ("mlp",), "w_u": ("embed", None),
+                                   "w_uc": (None, "mlp"), "b_uc": ("mlp",), "w_o": ("mlp", "embed"),
+                                   "b_o": ("embed",)})
 
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model

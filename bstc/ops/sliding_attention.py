@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops.full_attention import (ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
-                                     heads_of, plain_axes, merge_heads, split_heads)
+from bstc.ops.full_attention import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
+                                     dropout, heads_of, merge_heads, named_axes, split_heads)
 
 
 def sliding_mask(n_blocks: int, window: int) -> Bool[Array, "nb 1 W 2W"]:
@@ -95,7 +95,7 @@ class SlidingAttentionOp(Op):
         return 6 * dims.d_model * item + heads_of(args, dims) * 2 * int(args["window"]) * 4
 
     def logical_axes(self, args, dims: Dims, context, module):
-        return plain_axes(module, dims)
+        return named_axes(module, ATTN_AXES)
 
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model

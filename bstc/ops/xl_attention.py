@@ -25,8 +25,8 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops.full_attention import (SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout, heads_of,
-                                     merge_heads, plain_axes, split_heads)
+from bstc.ops.full_attention import (ATTN_AXES, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
+                                     heads_of, merge_heads, named_axes, split_heads)
 
 NUM_BUCKETS = 32
 
@@ -138,7 +138,7 @@ class XLAttentionOp(Op):
         return (4 + 2 * M / W) * dims.d_model * item + heads_of(args, dims) * (M + W) * 4
 
     def logical_axes(self, args, dims: Dims, context, module):
-        return plain_axes(module, dims)
+        return named_axes(module, ATTN_AXES)
 
     def build(self, args, dims: Dims, context, *, key):
         D, H = dims.d_model, heads_of(args, dims)
