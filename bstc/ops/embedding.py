@@ -20,7 +20,12 @@ class HeadLayer(eqx.Module):
     weight: Float[Array, "V D"] | None  # None: tied to the embedding
 
     def __call__(self, x: Float[Array, "B L D"], *, embedding: EmbeddingLayer | None = None, key=None):
-        w = self.weight if self.weight is not None else embedding.weight
+        if self.weight is None:
+            # The embedding is N(0, 1) (a unit-scale residual stream); scaling by 1/√D gives the
+            # tied head unit-scale logits at init, like the untied head's N(0, 1/D) weights.
+            x = x * jnp.asarray(x.shape[-1] ** -0.5, x.dtype)
+            return x @ embedding.weight.astype(x.dtype).T
+        w = self.weight
         return x @ w.astype(x.dtype).T
 
 
