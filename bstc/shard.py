@@ -29,7 +29,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bstc import ir
-from bstc.errors import BstcError, Collector, Span
+from bstc.errors import BstcError, Collector, Diagnostic
 from bstc.passes.mesh import DEFAULT_MESH_AXES, DEFAULT_RULES, LOGICAL_AXES, ResolvedMesh, resolve_mesh
 
 ACTIVATION = ("batch", "seq", "embed")  # the residual stream between blocks: (B, L, D)
@@ -395,9 +395,8 @@ def make_mesh(rm: ResolvedMesh | ShardPlan, devices=None) -> Mesh:
     devs = list(devices if devices is not None else jax.devices())
     n = rm.size
     if n > len(devs):
-        span = rm.span
-        raise BstcError([__import__("bstc.errors", fromlist=["Diagnostic"]).Diagnostic(
-            span, f"the mesh needs {n} devices but only {len(devs)} are present")], rm.sources)
+        raise BstcError([Diagnostic(rm.span, f"the mesh needs {n} devices but only {len(devs)} are present")],
+                        rm.sources)
     shape = tuple(s for _, s in rm.axes)
     names = tuple(a for a, _ in rm.axes)
     try:

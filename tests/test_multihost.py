@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
@@ -128,3 +127,38 @@ def test_two_processes_train_and_agree(tmp_path):
     assert r0["losses"] == pytest.approx(r0["ref_losses"], rel=1e-5, abs=1e-6)
     assert r0["losses"][-1] < r0["losses"][0]
     assert r0["param_sum"] == r1["param_sum"]
+
+
+@pytest.mark.slow
+def test_train_cli_two_processes(tmp_path):
+    """`bstc train --coordinator … --num-processes 2 --process-id i` on localhost: each process
+    reads its own examples, they write one sharded checkpoint, and the losses are the one-process ones."""
+    from test_shard import _cli, train_losses
+
+    (tmp_path / "run.bst").write_text(RUN_MODEL)
+    common = ["--set", "vocab=256", "--batch", "8", "--eval-every", "0", "--preset", "none", "-q", "--steps", "3"]
+    _cli(["train", "run.bst", "-o", "one", *common], tmp_path)
+    port = free_port()
+    pypath = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(pypath),
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+    procs = [subprocess.Popen([sys.executable, "-m", "bstc.cli", "train", "run.bst", "-o", "two", *common,
+                               "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                              env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            outs.append(p.communicate(timeout=300)[0])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    assert sorted(x.name for x in (tmp_path / "two" / "checkpoints" / "3" / "data").iterdir()
+                  if x.name.startswith("process_")) == ["process_0-of-2.json", "process_1-of-2.json"]
+    one, two = train_losses(tmp_path / "one"), train_losses(tmp_path / "two")
+    assert sorted(two) == [1, 2, 3]
+    for s in one:
+        assert two[s] == pytest.approx(one[s], rel=1e-5), (s, one, two)

@@ -26,7 +26,8 @@ from bstc.passes.mesh import DEFAULT_RULES, LOGICAL_AXES, resolve_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A tiny BST: 2 × (local, bst) scanned, then one more local; line numbers matter below.
+# A tiny BST: 2 × (local, bst) scanned, then one more local. MESH is line 23: the table below
+# points there.
 TINY = """\
 model tiny {
   vocab = 64
@@ -53,7 +54,6 @@ model tiny {
 MESH
 }
 """
-MESH_LINE = 23  # the line where MESH goes
 
 
 def tiny(mesh: str = "") -> str:
@@ -436,3 +436,50 @@ def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):
     path.write_text(RUN_MODEL)
     res = _subprocess(CKPT, tmp_path, path, tmp_path / "ckpt")
     assert res["max_err"] == 0.0 and res["n"] > 10 and res["tensor_sharded"] > 0
+
+
+# ---- the runtime on a mesh (the CLI, in subprocesses) --------------------------------------------
+
+
+def _cli(args, cwd, devices: int = 1, timeout: int = 300):
+    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+    r = subprocess.run([sys.executable, "-m", "bstc.cli", *map(str, args)], env=env, cwd=cwd,
+                       capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
+    return r
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {r["step"]: r["loss"] for r in rows if r.get("split") == "train"}
+
+
+@pytest.mark.slow
+def test_train_cli_on_a_mesh_resumes_on_another(tmp_path):
+    """`bstc train --mesh` on 8 devices computes the one-device run's losses, and its sharded
+    checkpoint resumes on a different mesh (orbax restores straight into the new shardings)."""
+    (tmp_path / "run.bst").write_text(RUN_MODEL)
+    common = ["--set", "vocab=256", "--batch", "8", "--eval-every", "0", "--preset", "none", "-q"]
+    _cli(["train", "run.bst", "--steps", "2", "-o", "one", *common], tmp_path)
+    _cli(["train", "--resume", "-o", "one", "--steps", "4", "-q"], tmp_path)
+    _cli(["train", "run.bst", "--steps", "2", "-o", "mesh", "--mesh", "data=2,fsdp=2,tensor=2", *common],
+         tmp_path, devices=8)
+    _cli(["train", "--resume", "-o", "mesh", "--steps", "4", "--mesh", "fsdp=4,tensor=2", "-q"], tmp_path, devices=8)
+    one, mesh = train_losses(tmp_path / "one"), train_losses(tmp_path / "mesh")
+    assert sorted(one) == sorted(mesh) == [1, 2, 3, 4]
+    for s in one:
+        assert mesh[s] == pytest.approx(one[s], rel=1e-5), (s, one, mesh)
+
+
+def test_train_cli_mesh_errors_are_located(tmp_path):
+    (tmp_path / "run.bst").write_text(RUN_MODEL)
+    path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
+    r = subprocess.run([sys.executable, "-m", "bstc.cli", "train", "run.bst", "--mesh", "data=2,tensor=2",
+                        "--steps", "1", "--preset", "none", "-q", "-o", "x"], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1, r.stderr
+    assert "<--mesh>:1:1: error: the mesh needs 4 devices (data=2 × tensor=2) but only 1 is present" in r.stderr
+    assert "Traceback" not in r.stderr

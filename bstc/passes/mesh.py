@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass, field
 
 from bstc import ir
-from bstc.errors import BstcError, Collector, Span, suggest, suggest_or_list
+from bstc.errors import Collector, Span, suggest, suggest_or_list
 from bstc.passes.evaluate import Scope, evaluate
 from bstc.syntax import ast
 
@@ -230,13 +230,3 @@ def _section_span(spec: ir.MeshSpec) -> Span | None:
     if first.line == last.line and first.file == last.file and last.end_col:
         return Span(first.file, first.line, first.col, first.line, last.end_col)
     return first
-
-
-def raise_at(span: Span | None, message: str, hint: str | None, sources: dict) -> None:
-    raise BstcError([_diag(span, message, hint)], sources)
-
-
-def _diag(span, message, hint):
-    from bstc.errors import Diagnostic
-
-    return Diagnostic(span, message, hint)
