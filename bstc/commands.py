@@ -65,6 +65,10 @@ def validate(
     for f in files:
         try:
             m = bstc.parse(f, overrides=overrides)
+            if m.mesh is not None:  # the mesh section's rules against every parameter (bstc.shard)
+                from bstc import shard
+
+                shard.plan(m)
         except BstcError as e:
             typer.echo(e.render(color=_color()), err=True)
             failed += 1

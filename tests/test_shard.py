@@ -264,6 +264,20 @@ def test_explain_mesh_cli(tmp_path):
     assert "<--mesh>:1:1: error: the default rule 'heads -> tensor'" in r.output
 
 
+def test_validate_checks_the_mesh_section_against_the_parameters(tmp_path):
+    from typer.testing import CliRunner
+
+    from bstc.cli import app
+
+    bad = write(tmp_path, "  mesh { tensor = 5 }\n  rules { heads -> (); vocab -> (); channels -> (); mlp -> tensor }")
+    r = CliRunner().invoke(app, ["validate", str(bad)])
+    assert r.exit_code == 1
+    assert "m.bst:24:53: error: rule 'mlp -> tensor' splits 'mlp' of size 48" in r.output
+    good = write(tmp_path, "  mesh { data = 2, tensor = 4 }", name="good.bst")
+    r = CliRunner().invoke(app, ["validate", str(good)])
+    assert r.exit_code == 0, r.output
+
+
 def test_constrain_is_identity_outside_a_sharded_trace():
     x = jax.numpy.ones((2, 4, 8))
     assert shard.constrain(x, shard.ACTIVATION) is x
