@@ -28,9 +28,20 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from bstc import ir
 from bstc.errors import BstcError, Collector, Diagnostic
-from bstc.passes.mesh import DEFAULT_MESH_AXES, DEFAULT_RULES, LOGICAL_AXES, ResolvedMesh, resolve_mesh
+
+# Light imports only: the ops import this module (for `local`), and the IR and the mesh pass
+# import the ops. The mesh pass's names are re-exported lazily (see __getattr__ below).
+_FROM_MESH_PASS = ("DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh", "resolve_mesh")
+
+
+def __getattr__(name):
+    if name in _FROM_MESH_PASS:
+        from bstc.passes import mesh as _mesh
+
+        return getattr(_mesh, name)
+    raise AttributeError(f"module 'bstc.shard' has no attribute {name!r}")
+
 
 ACTIVATION = ("batch", "seq", "embed")  # the residual stream between blocks: (B, L, D)
 # The output of a context source (an SSM run over the whole sequence): (B, L, D) or (B, L, F, D).
@@ -98,6 +109,7 @@ def _unstacked(module):
 def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tuple]:
     """keystr (inside `module`) → logical names, from the op (with 'layers' prepended if stacked)."""
     from bstc.ops.base import infer_logical_axes
+    from bstc.passes.mesh import LOGICAL_AXES
 
     view = _unstacked(module) if stacked else module
     try:
@@ -320,7 +332,9 @@ def plan(m: ir.Model, mesh: str | Mapping[str, int] | None = None, *, n_devices:
     """Resolve the mesh and rules for `m`, give every parameter its PartitionSpec, and check
     that each mesh axis divides every dimension it shards (and the batch, and the heads).
     Raises BstcError with the rule's (or --mesh's) location. Touches no device."""
+    from bstc import ir
     from bstc.lower import lower
+    from bstc.passes.mesh import LOGICAL_AXES, resolve_mesh
 
     rm = resolve_mesh(m, mesh, n_devices)
     if abstract is None:
@@ -504,7 +518,7 @@ def activate(mesh: Mesh, rules: Mapping[str, tuple[str, ...]] | ShardPlan | Reso
     """While tracing inside this context, `constrain` pins activations to the mesh."""
     if isinstance(rules, ShardPlan):
         rules = rules.rules
-    elif isinstance(rules, ResolvedMesh):
+    elif hasattr(rules, "rule_map"):  # a ResolvedMesh
         rules = rules.rule_map
     tok = _ACTIVE.set((mesh, dict(rules)))
     try:
@@ -522,6 +536,54 @@ def constrain(x, names: tuple):
     mesh, rules = active
     spec = spec_for(names, rules, dict(mesh.shape))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def local(fn: Callable, in_names: tuple, out_names: tuple) -> Callable:
+    """`fn` run shard by shard (jax.shard_map) when a mesh is active, else `fn` itself.
+
+    For computations that are independent along some logical axes but that XLA will not
+    partition: its SPMD partitioner replicates an FFT even when only batch or channel dims are
+    sharded (openxla/xla#24, jax-ml/jax#15680), which would gather the whole batch onto every
+    device. in_names: one tuple of logical names (None: whole) per argument; out_names: the
+    result's. Each logical name gets one set of mesh axes for all arguments (claimed in order of
+    first appearance), so the local blocks agree; a dimension its axes do not divide stays whole."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapped(*args):
+        active = _ACTIVE.get()
+        if active is None:
+            return fn(*args)
+        mesh, rules = active
+        sizes = dict(mesh.shape)
+        claim: dict[str, tuple] = {}
+        used: set[str] = set()
+        dims: dict[str, set] = {}
+        for names, a in zip(in_names, args):
+            for n, size in zip(names, np.shape(a)):
+                if n is not None:
+                    dims.setdefault(n, set()).add(size)
+        for names in list(in_names) + [out_names]:
+            for n in names:
+                if n is None or n in claim:
+                    continue
+                axes = tuple(x for x in rules.get(n, ()) if x not in used and sizes.get(x, 1) > 1)
+                k = math.prod(sizes[x] for x in axes)
+                if any(size % k for size in dims.get(n, ())):
+                    axes = ()
+                used.update(axes)
+                claim[n] = axes
+
+        def spec(names):
+            return P(*[None if n is None or not claim.get(n) else
+                       claim[n][0] if len(claim[n]) == 1 else claim[n] for n in names])
+
+        if not any(claim.values()):
+            return fn(*args)
+        return jax.shard_map(fn, mesh=mesh, in_specs=tuple(spec(n) for n in in_names),
+                             out_specs=spec(out_names), check_vma=False)(*args)
+
+    return wrapped
 
 
 # ---- the sharded step ----------------------------------------------------------------------------
@@ -620,6 +682,7 @@ def print_plan(p: ShardPlan, batch: int | None = None, console=None) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from bstc import ir
     from bstc.passes.report import bytes_h
 
     c = console or Console(width=160)

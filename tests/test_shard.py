@@ -309,7 +309,7 @@ model run {
 '''
 
 SHARDED = r'''
-import json, sys
+import json, re, sys
 import jax, jax.numpy as jnp, numpy as np, equinox as eqx, optax
 assert jax.device_count() == 8, jax.devices()
 import bstc
@@ -357,12 +357,16 @@ for mesh_txt in meshes.split(";"):
     state = shard.shard_tree(state0, sh)
     bsh = shard.batch_sharding(p, mesh)
     f = shard.sharded_step(step, mesh, p, sh, bsh, donate=False)
-    state, losses, g = train(state, f, [shard.global_batch(b, bsh) for b in batches])
+    gbs = [shard.global_batch(b, bsh) for b in batches]
+    state, losses, g = train(state, f, gbs)
     leaves = jax.tree.leaves(eqx.filter(state[0], eqx.is_array))
+    # the FFT convolution runs on local blocks (XLA alone would gather it: openxla/xla#24)
+    hlo = f.jitted.lower(eqx.filter(state, eqx.is_array), gbs[0]).compile().as_text()
+    ffts = sorted({re.search(r"= \S+?\[([\d,]+)\]", l).group(1) for l in hlo.splitlines() if " fft(" in l})
     res["meshes"][mesh_txt] = {
         "losses": losses, "grad_err": float(np.abs(g - ref_g).max()), "grad_scale": float(np.abs(ref_g).max()),
         "param_err": float(np.abs(flat(state[0]) - ref_params).max()),
-        "specs": sorted({str(x.sharding.spec) for x in leaves}),
+        "specs": sorted({str(x.sharding.spec) for x in leaves}), "ffts": ffts,
         "n_sharded": sum(not x.sharding.is_fully_replicated for x in leaves),
     }
 json.dump(res, open(out, "w"))
@@ -443,6 +447,15 @@ def test_sharded_equals_single_device(tmp_path, meshes):
             assert any("tensor" in s for s in got["specs"]), got["specs"]
         if "fsdp" in mesh_txt:
             assert any("fsdp" in s for s in got["specs"]), got["specs"]
+        # every FFT sees its device's rows (8 / batch shards) and channels (32 / tensor shards)
+        sizes = dict(kv.split("=") for kv in mesh_txt.split(","))
+        rows = 8 // (int(sizes.get("data", 1)) * int(sizes.get("fsdp", 1)))
+        chans = 32 // int(sizes.get("tensor", 1))
+        assert got["ffts"], got
+        for shape in got["ffts"]:
+            dims = [int(x) for x in shape.split(",")]
+            assert 32 not in dims[:-1] or chans == 32, (mesh_txt, got["ffts"])  # never all channels
+            assert dims[0] <= rows, (mesh_txt, got["ffts"])  # never the whole batch
 
 
 def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
 
+from bstc import shard
 from bstc.ops.base import fft_len
 
 
@@ -174,6 +175,14 @@ def multi_filter_fft_conv(u: Float[Array, "B L H"], k: Float[Array, "F H Lk"]) -
     Kf = jnp.fft.rfft(k.astype(jnp.float32), n=n, axis=-1)  # (F, H, n/2+1)
     Y = U[:, :, None, :] * jnp.moveaxis(Kf, -1, 0)[None]  # (B, n/2+1, F, H)
     return jnp.fft.irfft(Y, n=n, axis=1)[:, :L]
+
+
+# Under a mesh (bstc.shard) run the FFT convolutions per (batch, channel) shard: XLA's partitioner
+# would gather the whole batch onto every device for an FFT (openxla/xla#24). Identity otherwise.
+causal_fft_conv = shard.local(causal_fft_conv, (("batch", None, "channels"), ("channels", None)),
+                              ("batch", None, "channels"))
+multi_filter_fft_conv = shard.local(multi_filter_fft_conv, (("batch", None, "channels"), (None, "channels", None)),
+                                    ("batch", None, None, "channels"))
 
 
 def fft_flops(n: int) -> float:
