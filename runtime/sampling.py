@@ -19,23 +19,22 @@ import numpy as np
 import typer
 
 
-def make_sampler(model, seq_len: int, vocab: int):
-    """step(tokens (seq_len,), n_valid, key, temperature) → next token; tokens after n_valid are padding."""
-
-    @eqx.filter_jit
-    def step(model, tokens, n_valid, key, temperature):
-        logits = model(tokens[None])[0, n_valid - 1, :256 if vocab >= 256 else vocab]
-        greedy = jnp.argmax(logits)
-        sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
-        return jnp.where(temperature > 0, sampled, greedy)
-
-    return lambda tokens, n, key, t: step(model, tokens, n, key, t)
+@eqx.filter_jit
+def next_token(model, tokens, n_valid, key, temperature, n_bytes: int):
+    """The token after tokens[:n_valid] (tokens (seq_len,) int32; entries after n_valid are padding
+    that a causal model never reads). temperature 0 = greedy; only byte tokens are sampled."""
+    params, static = eqx.partition(model, eqx.is_array)
+    logits = eqx.combine(params, static)(tokens[None])[0]
+    logits = jax.lax.dynamic_index_in_dim(logits, n_valid - 1, keepdims=False)[:n_bytes]
+    greedy = jnp.argmax(logits)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
+    return jnp.where(temperature > 0, sampled, greedy)
 
 
 def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, temperature: float = 0.8,
              seed: int = 0) -> bytes:
     """Sample `n_tokens` bytes after `prompt` (the prompt may be empty)."""
-    step = make_sampler(model, seq_len, vocab)
+    n_bytes = min(vocab, 256)
     hist = list(prompt) or [ord("\n")]
     key = jax.random.key(seed)
     out = []
@@ -43,7 +42,8 @@ def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, t
         window = hist[-seq_len:]
         buf = np.zeros((seq_len,), np.int32)
         buf[:len(window)] = window
-        tok = int(step(jnp.asarray(buf), len(window), jax.random.fold_in(key, i), jnp.float32(temperature)))
+        tok = int(next_token(model, jnp.asarray(buf), jnp.int32(len(window)), jax.random.fold_in(key, i),
+                             jnp.float32(temperature), n_bytes))
         hist.append(tok)
         out.append(tok)
     return bytes(t % 256 for t in out)

@@ -84,8 +84,9 @@ def test_embedding_and_heads():
     np.testing.assert_allclose(np.asarray(untied(x, embedding=emb)), ref, rtol=1e-5, atol=1e-5)  # ignored
     tied = build("head", tied=True)
     assert count_params(tied) == 0
-    np.testing.assert_allclose(np.asarray(tied(x, embedding=emb)), np.asarray(x) @ np.asarray(emb.weight).T,
-                               rtol=1e-5, atol=1e-5)
+    # tied logits are (x / √D)·Eᵀ: unit scale at init with a N(0, 1) embedding
+    np.testing.assert_allclose(np.asarray(tied(x, embedding=emb)),
+                               np.asarray(x) @ np.asarray(emb.weight).T / np.sqrt(DIMS.d_model), rtol=1e-5, atol=1e-5)
     for kind, given in (("embedding", {}), ("head", {}), ("head", {"tied": True})):
         shape = REGISTRY[kind].out_shape(args_of(kind, **given), DIMS)
         assert shape == ("B", DIMS.seq_len, DIMS.d_model if kind == "embedding" else DIMS.vocab)
