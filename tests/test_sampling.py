@@ -4,7 +4,6 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 import bstc
 from bstc.runtime.sampling import generate

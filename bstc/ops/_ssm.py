@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Complex, Float
 
 from bstc import shard
+from bstc.ops._common import dropout as apply_dropout
 from bstc.ops.base import fft_len
 
 
@@ -200,9 +201,7 @@ def ssm_head(y: Float[Array, "B L F H"], w_out: Float[Array, "H H"], b_out: Floa
     output mixing, without its GLU: the context sources feed attention keys/values, which are
     projected again there). Squeezes the filter axis when F == 1."""
     y = jax.nn.gelu(y.astype(jnp.float32)).astype(dtype)  # gelu in f32: cheap, and bf16 tanh is coarse
-    if dropout > 0 and key is not None:
-        keep = jax.random.bernoulli(key, 1.0 - dropout, y.shape)
-        y = jnp.where(keep, y / (1.0 - dropout), 0).astype(dtype)
+    y = apply_dropout(y, dropout, key)
     y = y @ w_out.T.astype(dtype) + b_out.astype(dtype)  # w_out is (out, in)
     return y[:, :, 0] if y.shape[2] == 1 else y
 

@@ -27,9 +27,8 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from bstc.ops._attention import apply_rope, blockwise_attention
+from bstc.ops._common import SOFTMAX_FLOPS, dropout
 from bstc.ops.base import Op, Param, Problem, register
-
-SOFTMAX_FLOPS = 5.0  # per logit: scale, mask select, max-subtract, exp, normalise
 
 
 class BlockAttentionLayer(eqx.Module):
@@ -95,10 +94,7 @@ class BlockAttentionLayer(eqx.Module):
                 cv = (c @ self.wv.astype(x.dtype)).reshape(B, nb, c.shape[2], H, dh)
         o = blockwise_attention(q, k, v, W, ck, cv).reshape(B, L, D)
         o = o @ self.wo.astype(x.dtype)
-        if self.dropout > 0 and key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, o.shape)
-            o = jnp.where(keep, o / (1.0 - self.dropout), 0).astype(x.dtype)
-        return o
+        return dropout(o, self.dropout, key)
 
 
 def _heads(args, dims) -> int:

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops.full_attention import (GELU_FLOPS, RMS_FLOPS, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window,
+from bstc.ops._common import (GELU_FLOPS, RMS_FLOPS, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window,
                                      dense_init, heads_of, merge_heads, named_axes, rms_norm, split_heads)
 from bstc.ops.sliding_attention import sliding_mask, with_previous_block
 

@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import equinox as eqx
-import jax
-import jax.numpy as jnp
 
+from bstc.ops._common import dropout
 from bstc.ops.base import Op, Param, register
 
 
@@ -12,10 +11,7 @@ class DropoutLayer(eqx.Module):
     rate: float = eqx.field(static=True)
 
     def __call__(self, x, *, context=None, key=None):
-        if key is None or self.rate == 0:
-            return x
-        keep = jax.random.bernoulli(key, 1.0 - self.rate, x.shape)
-        return jnp.where(keep, x / (1.0 - self.rate), 0).astype(x.dtype)
+        return dropout(x, self.rate, key)
 
 
 @register

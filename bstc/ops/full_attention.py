@@ -3,105 +3,18 @@
 The paper's "Transformer" baseline (Table 1). Every query attends to every earlier key, so the
 cost is quadratic in L: the L×L logits are materialised (this is the baseline whose cost BST's
 block attention avoids). Positions come from RoPE on queries and keys (no absolute embedding).
-
-Also home of the small helpers the other baseline kinds share (projection init, dropout,
-RMS norm, heads arithmetic); they live here rather than in a private module so that each
-baseline file stays readable on its own.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, dense_init, dropout, heads_of,
+                              merge_heads, named_axes, split_heads)
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-
-# ---- helpers shared by the baseline kinds ----------------------------------------------------
-
-# Rough per-element costs of the non-matmul work, as XLA's cost analysis counts it (one flop per
-# elementwise op; exp/rsqrt are counted as one flop each too). Calibrated against
-# `compiled.cost_analysis()['flops']` in tests/test_ops_baselines.py so that `bstc explain` agrees
-# with XLA within a few percent even at tiny widths, where these terms are not negligible.
-SOFTMAX_FLOPS = 5.0  # per logit: scale, mask-select, max-subtract, exp, divide (+ the sum)
-ROPE_FLOPS = 3.0  # per rotated element (q and k): two multiplies and an add
-RMS_FLOPS = 4.0  # per element: square, sum, scale, weight
-GELU_FLOPS = 8.0  # per element (tanh approximation as XLA lowers it)
-
-
-def heads_of(args: Mapping[str, Any], dims: Dims) -> int:
-    """`heads: 0` means the model's head count."""
-    h = int(args.get("heads", 0) or 0)
-    return h if h > 0 else dims.heads
-
-
-def check_heads(args: Mapping[str, Any], dims: Dims) -> list[Problem]:
-    h = heads_of(args, dims)
-    if h <= 0 or dims.d_model % h:
-        return [Problem(f"d_model ({dims.d_model}) is not divisible by heads ({h})",
-                        "heads" if args.get("heads") else None,
-                        "choose heads that divide d_model")]
-    return []
-
-
-def check_window(args: Mapping[str, Any], dims: Dims, name: str = "window") -> list[Problem]:
-    w = int(args[name])
-    if w <= 0:
-        return [Problem(f"{name} must be positive, got {w}", name)]
-    if dims.seq_len % w:
-        return [Problem(f"seq_len ({dims.seq_len}) is not divisible by {name} ({w})", name,
-                        f"the sequence is split into blocks of {w}")]
-    return []
-
-
-def dense_init(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i o"]:
-    """Normal(0, 1/fan_in): unit-variance outputs for unit-variance inputs."""
-    return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * fan_in ** -0.5
-
-
-def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
-    """Inverted dropout; key=None (evaluation) or rate 0 is the identity."""
-    if key is None or rate <= 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
-
-
-def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
-    """RMS norm in float32 (a reduction over D in bf16 loses too much), cast back."""
-    xf = x.astype(jnp.float32)
-    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (y * weight.astype(jnp.float32)).astype(x.dtype)
-
-
-def named_axes(module, table: Mapping[str, tuple]):
-    """Logical axes by parameter name: `table[field]` for an array held in a field of that name
-    (nested modules included), unsharded (all None) otherwise. Names, not sizes: a baseline's
-    sizes collide too easily (a BRT's 4·D fused projection and its 4·D MLP, 32 position buckets
-    and d_model 32) for the size-based default to tell them apart."""
-
-    def axes(path, a):
-        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-            return None
-        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
-        ax = table.get(name)
-        return tuple(ax) if ax is not None and len(ax) == len(a.shape) else (None,) * len(a.shape)
-
-    return jax.tree_util.tree_map_with_path(axes, module)
-
-
-ATTN_AXES = {"w_qkv": ("embed", None), "w_q": ("embed", None), "w_kv": ("embed", None), "w_o": (None, "embed")}
-
-
-def split_heads(x: Float[Array, "*b T HD"], heads: int) -> Float[Array, "*b T H dh"]:
-    return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
-
-
-def merge_heads(x: Float[Array, "*b T H dh"]) -> Float[Array, "*b T HD"]:
-    return x.reshape(*x.shape[:-2], x.shape[-2] * x.shape[-1])
-
 
 # ---- the op ------------------------------------------------------------------------------------
 

@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops import _ssm
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, fft_len, register
-from bstc.ops.full_attention import GELU_FLOPS, dense_init, named_axes
+from bstc.ops._common import GELU_FLOPS, dense_init, named_axes
 
 
 def gss_sizes(args, dims: Dims) -> tuple[int, int, int]:

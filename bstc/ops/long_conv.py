@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from bstc.ops import _ssm
+from bstc.ops._common import dropout
 from bstc.ops.base import Op, Param, Problem, register
 
 
@@ -57,10 +58,7 @@ class LongConvKernel(eqx.Module):
     def __call__(self, *, key=None) -> Float[Array, "F H Lk"]:
         # smooth, then squash, then dropout (the order of Fu et al.'s reference code); float32
         k = squash_kernel(smooth_kernel(self.weight.astype(jnp.float32), self.smooth), self.lam)
-        if self.dropout > 0 and key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, k.shape)
-            k = jnp.where(keep, k / (1.0 - self.dropout), 0.0)
-        return k
+        return dropout(k, self.dropout, key)
 
 
 class LongConvLayer(eqx.Module):

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from bstc.ops._common import dropout
 from bstc.ops.base import Op, Param, register
 
 ACT_FLOPS = {"gelu": 8.0, "relu": 1.0, "swiglu": 6.0}  # per hidden element, as XLA counts them
@@ -31,9 +32,7 @@ class MLPLayer(eqx.Module):
             h = jax.nn.gelu(h)
         else:
             h = jax.nn.relu(h)
-        if self.dropout > 0 and key is not None:
-            keep = jax.random.bernoulli(key, 1.0 - self.dropout, h.shape)
-            h = jnp.where(keep, h / (1.0 - self.dropout), 0).astype(dt)
+        h = dropout(h, self.dropout, key)
         y = h @ self.w_out.astype(dt)
         if self.b_out is not None:
             y = y + self.b_out.astype(dt)

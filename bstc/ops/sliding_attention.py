@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops.full_attention import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
+from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
                                      dropout, heads_of, merge_heads, named_axes, split_heads)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops.full_attention import (ATTN_AXES, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
+from bstc.ops._common import (ATTN_AXES, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
                                      heads_of, merge_heads, named_axes, split_heads)
 
 NUM_BUCKETS = 32

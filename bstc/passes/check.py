@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from bstc import ir
 from bstc.errors import Collector, suggest, suggest_or_list
-from bstc.ops import REGISTRY, ContextSpec, Dims
+from bstc.ops import REGISTRY, Dims
 from bstc.ops.base import Param
 from bstc.passes.evaluate import Symbol, describe
 from bstc.passes.expand import UNIVERSAL_ARGS, Expanded, RawInstance, RawSub
@@ -33,7 +33,6 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
     consumed: set[str] = set()
     out = []
     outputs: dict[str, tuple] = {}  # sublayer -> (op, args, filters)
-    where = f"{raw.block}.{raw.index}"
     for sub in raw.subs:
         op = REGISTRY.get(sub.kind)
         if op is None:
