@@ -11,8 +11,9 @@ batch only while parameters are sharded over fsdp on their width.
 Everything up to `ShardPlan` is computed from shapes alone (`jax.eval_shape`), so
 `bstc explain --mesh tensor=64` works on a laptop; problems are BstcErrors located at the rule
 (or the `--mesh` option) that causes them. The rest places arrays with `NamedSharding` and jits
-the train step with in/out shardings so that XLA inserts the collectives; multi-host runs use
-`jax.distributed` (see `initialize_distributed`).
+the train step with in/out shardings so that XLA inserts the collectives (`local` runs what
+XLA will not partition, the FFT convolution, under shard_map); multi-host runs use
+`jax.distributed` (see `initialize_distributed`). docs/scaling.md is the user's guide.
 """
 from __future__ import annotations
 
@@ -48,10 +49,11 @@ ACTIVATION = ("batch", "seq", "embed")  # the residual stream between blocks: (B
 SOURCE = {3: ("batch", "seq", "channels"), 4: ("batch", "seq", "filters", "channels")}
 
 __all__ = [
-    "ACTIVATION", "DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh", "ShardPlan",
-    "ParamRow", "resolve_mesh", "plan", "spec_for", "logical_axes", "make_mesh", "param_shardings",
-    "tree_shardings", "shard_tree", "batch_sharding", "global_batch", "constrain", "activate",
-    "sharded_step", "initialize_distributed", "local_rows",
+    "ACTIVATION", "SOURCE", "DEFAULT_MESH_AXES", "DEFAULT_RULES", "LOGICAL_AXES", "ResolvedMesh",
+    "ShardPlan", "ParamRow", "Sharded", "resolve_mesh", "plan", "plan_dict", "print_plan", "spec_for",
+    "logical_axes", "make_mesh", "param_shardings", "tree_shardings", "shard_tree", "batch_sharding",
+    "global_batch", "local_rows", "constrain", "activate", "local", "sharded_step", "for_run",
+    "initialize_distributed", "save_checkpoint", "restore_checkpoint", "abstract_like",
 ]
 
 
@@ -781,7 +783,9 @@ class Sharded:
     def batch_sharding(self, ndim: int = 2, batch_dim: int = 0) -> NamedSharding:
         return batch_sharding(self.plan, self.mesh, ndim, batch_dim)
 
-    def rows(self, global_batch_size: int, seq_len: int = 1, ndim: int = 2, batch_dim: int = 0) -> tuple[int, int]:
+    def rows(self, global_batch_size: int, seq_len: int | None = None, ndim: int = 2,
+             batch_dim: int = 0) -> tuple[int, int]:
+        seq_len = seq_len or self.plan.model.dims.seq_len
         shape = [1] * ndim
         shape[batch_dim] = global_batch_size
         if batch_dim + 1 < ndim:
@@ -803,7 +807,7 @@ class Sharded:
         """(index, count): this process reads every count-th example starting at index, so the
         processes together read each global batch once (count == 1: every process reads it all,
         when the batch axes do not span processes)."""
-        lo, hi = self.rows(global_rows, 1, ndim, batch_dim)
+        lo, hi = self.rows(global_rows, None, ndim, batch_dim)
         per = hi - lo
         return lo // per, global_rows // per
 
@@ -817,8 +821,6 @@ def for_run(model_file, overrides: Mapping[str, Any] | None, mesh: str | None, b
     """The Sharded of a training run, or None when it runs on one device as before: no --mesh,
     no mesh section in the model, one device, one process. `batch`: the per-step batch that is
     split over the batch axes (the micro-batch under gradient accumulation)."""
-    if mesh is None and jax.device_count() == 1 and jax.process_count() == 1:
-        return None  # one device: nothing to place, whatever the model file's mesh says
     if model_file is None:
         if mesh is not None:
             raise ValueError("--mesh needs a bstc model file")
@@ -826,5 +828,7 @@ def for_run(model_file, overrides: Mapping[str, Any] | None, mesh: str | None, b
     import bstc
 
     m = bstc.parse(str(model_file), overrides=dict(overrides) if overrides else None)
-    sh = Sharded.create(m, mesh, batch=batch)
+    if mesh is None and m.mesh is None and jax.device_count() == 1 and jax.process_count() == 1:
+        return None  # the one-device run, exactly as without bstc.shard
+    sh = Sharded.create(m, mesh, batch=batch)  # a mesh section larger than the devices: located error
     return None if sh.is_trivial else sh

@@ -78,9 +78,10 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} does not match this model: {diff}")
         arrays, static = eqx.partition(template, eqx.is_array)
         leaves, treedef = jax.tree.flatten(arrays)
-        # A template placed on a mesh (bstc.shard) is restored shard by shard onto that mesh.
-        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(
-            getattr(x, "sharding", None), jax.sharding.NamedSharding) else None) for x in leaves]
+        # Restore into the template's own placement: a template on a mesh (bstc.shard) shard by
+        # shard onto that mesh, a one-device template onto its device — whatever mesh saved it.
+        abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(x, jax.Array)
+                                         else None) for x in leaves]
         items = dict(state=ocp.args.StandardRestore(abstract))
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)

@@ -498,6 +498,8 @@ def test_train_cli_on_a_mesh_resumes_on_another(tmp_path):
     assert sorted(one) == sorted(mesh) == [1, 2, 3, 4]
     for s in one:
         assert mesh[s] == pytest.approx(one[s], rel=1e-5), (s, one, mesh)
+    _cli(["eval", "mesh"], tmp_path)  # the 8-device checkpoint, evaluated on one device
+    assert (tmp_path / "mesh" / "eval" / "eval-validation.json").is_file()
 
 
 def test_train_cli_mesh_errors_are_located(tmp_path):
