@@ -126,7 +126,7 @@ def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tup
                  jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0]}
     from bstc.ops.base import Op
 
-    own_rule = type(op).logical_axes is not Op.logical_axes
+    own_rule = op.axes is not None or type(op).logical_axes is not Op.logical_axes
     for p, a in arrays:
         if not _arraylike(a):
             continue

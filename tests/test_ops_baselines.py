@@ -116,7 +116,7 @@ def test_dropout_only_with_a_key(case):
 
 
 def qkv_of(m, x):
-    q, k, v = jnp.split(x @ m.w_qkv, 3, -1)
+    q, k, v = (x @ m.w_qkv[:, i] for i in range(3))  # stored (in, q|k|v, out)
     sh = lambda t: t.reshape(*t.shape[:-1], H, D // H)  # noqa: E731
     return sh(q), sh(k), sh(v)
 
@@ -163,7 +163,7 @@ def test_xl_equals_dense_with_memory_band(case):
     x = x_input()
     M = m.memory
     q = (x @ m.w_q).reshape(B, L, H, -1)
-    k, v = (t.reshape(B, L, H, -1) for t in jnp.split(x @ m.w_kv, 2, -1))
+    k, v = ((x @ m.w_kv[:, i]).reshape(B, L, H, -1) for i in range(2))
     t, s = np.arange(L)[:, None], np.arange(L)[None, :]
     band = (s <= t) & (s >= (t // W) * W - M)  # the block so far + the M tokens before it
     bias = m.rel_bias[t5_buckets(t - s, 32, M + W - 1)]  # (L, L, H)
@@ -276,4 +276,29 @@ def test_logical_axes_by_name(case):
     arrays = jax.tree.leaves(eqx.filter(m, eqx.is_array))
     assert len(axes) == len(arrays) and all(len(a) == x.ndim for a, x in zip(axes, arrays))
     named = {n for a in axes for n in a if n}
-    assert named <= {"embed", "mlp"} and "embed" in named
+    assert named <= {"embed", "mlp", "heads", "ssm_state"} and "embed" in named
+    by_field = dict(zip([jax.tree_util.keystr(p) for p, _ in
+                         jax.tree_util.tree_flatten_with_path(eqx.filter(m, eqx.is_array))[0]], axes))
+    # Fused projections keep each part's heads on the last axis: tensor parallelism splits every
+    # part by heads (a flat (D, 3D) layout would split q|k|v between devices).
+    for field in (".w_qkv", ".w_kv", ".w_qkvq", ".s_qkvq"):
+        if field in by_field:
+            assert by_field[field] == ("embed", None, "heads"), by_field
+    if case != "gss":
+        assert by_field[".w_o"][-2:] == ("heads", "embed"), by_field
+
+
+@pytest.mark.parametrize("case", ["full", "sliding", "xl", "brt_lstm_mlp"])
+def test_fused_projection_shards_by_heads(case):
+    """A fused projection is stored (in, part, out) and part i of its output is x @ w[:, i],
+    heads in order along the last axis: the layout the `heads` rule splits."""
+    op, args, m = build(case)
+    field = next(f for f in ("w_qkv", "w_kv", "w_qkvq") if hasattr(m, f))
+    w = getattr(m, field)
+    assert w.ndim == 3 and w.shape[0] == D and w.shape[2] == D
+    x = x_input()
+    from bstc.ops._common import fused_heads
+
+    parts = fused_heads(x, w, H)
+    for i, t in enumerate(parts):  # part i is x @ w[:, i], heads on the last D axis in order
+        np.testing.assert_allclose(t.reshape(*t.shape[:-2], D), x @ w[:, i], rtol=1e-5, atol=1e-5)

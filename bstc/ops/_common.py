@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from bstc.ops.base import Dims, Problem
+from bstc.ops.base import Dims, Problem, named_axes  # noqa: F401 - re-exported for the ops
 
 
 # Rough per-element costs of the non-matmul work, as XLA's cost analysis counts it (one flop per
@@ -52,6 +52,20 @@ def dense_init(key: PRNGKeyArray, fan_in: int, fan_out: int) -> Float[Array, "i 
     return jax.random.normal(key, (fan_in, fan_out), jnp.float32) * fan_in ** -0.5
 
 
+def fused_init(key: PRNGKeyArray, fan_in: int, parts: int, fan_out: int) -> Float[Array, "i p o"]:
+    """A fused projection (q, k, v, ...) stored (fan_in, parts, fan_out), initialised like
+    dense_init(fan_in, parts·fan_out). Each part keeps its whole output width in the last axis,
+    so tensor parallelism over heads splits every part alike; a flat (D, 3D) layout split over
+    its columns would hand one device all of q and another all of v."""
+    return dense_init(key, fan_in, parts * fan_out).reshape(fan_in, parts, fan_out)
+
+
+def fused_heads(x: Float[Array, "*b D"], w: Float[Array, "D p E"], heads: int) -> list[Float[Array, "*b H dh"]]:
+    """The parts of a fused projection of x, each split into heads."""
+    y = jnp.einsum("...d,dpe->...pe", x, w.astype(x.dtype))
+    return [split_heads(y[..., i, :], heads) for i in range(w.shape[1])]
+
+
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
     """Inverted dropout; key=None (evaluation) or rate 0 is the identity."""
     if key is None or rate <= 0.0:
@@ -67,23 +81,10 @@ def rms_norm(x: Array, weight: Array, eps: float = 1e-6) -> Array:
     return (y * weight.astype(jnp.float32)).astype(x.dtype)
 
 
-def named_axes(module, table: Mapping[str, tuple]):
-    """Logical axes by parameter name: `table[field]` for an array held in a field of that name
-    (nested modules included), unsharded (all None) otherwise. Names, not sizes: a baseline's
-    sizes collide too easily (a BRT's 4·D fused projection and its 4·D MLP, 32 position buckets
-    and d_model 32) for the size-based default to tell them apart."""
-
-    def axes(path, a):
-        if not (hasattr(a, "shape") and hasattr(a, "dtype")):
-            return None
-        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
-        ax = table.get(name)
-        return tuple(ax) if ax is not None and len(ax) == len(a.shape) else (None,) * len(a.shape)
-
-    return jax.tree_util.tree_map_with_path(axes, module)
-
-
-ATTN_AXES = {"w_qkv": ("embed", None), "w_q": ("embed", None), "w_kv": ("embed", None), "w_o": (None, "embed")}
+# Attention projections are stored (in, out); the heads·dh side is `heads`, so tensor parallelism
+# splits the input projections by column and the output projection by row (Megatron's pair).
+ATTN_AXES = {"w_qkv": ("embed", None, "heads"), "w_q": ("embed", "heads"), "w_kv": ("embed", None, "heads"),
+             "w_o": ("heads", "embed"), "rel_bias": (None, None)}
 
 
 def split_heads(x: Float[Array, "*b T HD"], heads: int) -> Float[Array, "*b T H dh"]:

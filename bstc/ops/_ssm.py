@@ -178,6 +178,14 @@ def multi_filter_fft_conv(u: Float[Array, "B L H"], k: Float[Array, "F H Lk"]) -
     return jnp.fft.irfft(Y, n=n, axis=1)[:, :L]
 
 
+# Logical axes of the SSM sublayers' parameters (s4d, long_conv). Everything is per channel, so
+# tensor parallelism splits the FFT convolution over channels; the output map is stored
+# (out, in) = (embed, channels).
+SSM_AXES = {"log_dt": ("channels",), "log_A_re": ("channels", "ssm_state"), "A_im": ("channels", "ssm_state"),
+            "C": ("filters", "channels", "ssm_state", None), "weight": ("filters", "channels", None),
+            "D": ("filters", "channels"), "w_out": ("embed", "channels"), "b_out": ("embed",)}
+
+
 # Under a mesh (bstc.shard) run the FFT convolutions per (batch, channel) shard: XLA's partitioner
 # would gather the whole batch onto every device for an FFT (openxla/xla#24). Identity otherwise.
 causal_fft_conv = shard.local(causal_fft_conv, (("batch", None, "channels"), ("channels", None)),

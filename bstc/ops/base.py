@@ -6,6 +6,7 @@ singleton with `@register`. The op holds, in one place:
 * its parameter schema (`params`): the checker validates a layer's arguments against it;
 * its shape rule (`out_shape`) and any extra semantic checks (`check`);
 * its cost rules (`param_count`, `flops_per_token`), used by `bstc explain`;
+* the logical axes of its parameters (`axes`), which `bstc.shard` maps onto a device mesh;
 * its lowering (`build`): an `eqx.Module` whose `__call__(x, *, context=None, key=None)` maps
   a batched activation `x: (B, L, D)` to the sublayer output.
 
@@ -83,6 +84,10 @@ class Op:
     accepts_context: ClassVar[bool] = False  # may be the target of a context edge
     context_source: ClassVar[bool] = False  # may be the source of a context edge
     doc: ClassVar[str] = ""
+    # Logical axis names of the built module's parameters, by field name: {"w_in": ("embed",
+    # "mlp"), ...} (see `logical_axes`). Every shipped op declares them; None falls back to
+    # guessing from the sizes, which is what a quickly written new op gets.
+    axes: ClassVar[Mapping[str, tuple] | None] = None
 
     # ---- checking -------------------------------------------------------------------
     def check(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> list[Problem]:
@@ -119,12 +124,14 @@ class Op:
         Returns a pytree shaped like `module` whose array leaves are tuples with one entry per
         array dimension: a logical axis name (batch, seq, embed, mlp, heads, kv, ssm_state,
         vocab, filters) or None (never sharded). `module` may hold jax.ShapeDtypeStruct leaves.
-        Default: inferred from the sizes (d_model → embed, vocab → vocab, `hidden` → mlp,
-        heads → heads, d_model/heads → kv, `state` or state/2 → ssm_state, `filters` → filters);
-        override it where the sizes are ambiguous, e.g. a (D, D) projection that is really
-        (embed, heads·kv)."""
+        Default: the class's `axes` table by field name (`named_axes`); without one, inferred
+        from the sizes (d_model → embed, vocab → vocab, `hidden` → mlp, heads → heads,
+        d_model/heads → kv, `state` or state/2 → ssm_state, `filters` → filters), which cannot
+        tell apart two axes of equal size: declare `axes` instead."""
         import jax
 
+        if self.axes is not None:
+            return named_axes(module, self.axes)
         return jax.tree.map(lambda a: infer_logical_axes(getattr(a, "shape", None), args, dims)
                             if _is_arraylike(a) else None, module)
 
@@ -136,6 +143,23 @@ class Op:
 
 def _is_arraylike(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def named_axes(module, table: Mapping[str, tuple]):
+    """Logical axes by parameter name: `table[field]` for an array held in a field of that name
+    (nested modules included), unsharded (all None) otherwise. Names, not sizes: sizes collide
+    too easily (S4D's filters and state modes, a BRT's 4·D fused projection and its 4·D MLP,
+    32 position buckets and d_model 32) to tell the axes apart."""
+    import jax
+
+    def axes(path, a):
+        if not _is_arraylike(a):
+            return None
+        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        ax = table.get(name)
+        return tuple(ax) if ax is not None and len(ax) == len(a.shape) else (None,) * len(a.shape)
+
+    return jax.tree_util.tree_map_with_path(axes, module)
 
 
 def infer_logical_axes(shape, args: Mapping[str, Any], dims: Dims) -> tuple:

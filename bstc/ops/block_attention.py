@@ -111,6 +111,10 @@ def _n_context(args, dims, context) -> int:
 class BlockAttention(Op):
     kind = "block_attention"
     role = "attn"
+    # Projections stored (in, out), heads·dh on the `heads` side; the learned context vectors are
+    # (slots, embed).
+    axes = {"wq": ("embed", "heads"), "wk": ("embed", "heads"), "wv": ("embed", "heads"), "wo": ("heads", "embed"),
+            "ctx_first": (None, "embed"), "ctx_ids": (None, "embed")}
     accepts_context = True
     doc = "causal attention within blocks of `window` tokens, plus full attention to a context set"
     params = (

@@ -39,13 +39,14 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops._common import (GELU_FLOPS, RMS_FLOPS, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window,
-                                     dense_init, heads_of, merge_heads, named_axes, rms_norm, split_heads)
+                              dense_init, fused_heads, fused_init, heads_of, merge_heads, rms_norm)
 from bstc.ops.sliding_attention import sliding_mask, with_previous_block
 
 GATES = ("fixed", "lstm")
 E, M = ("embed",), ("mlp",)
 BRT_AXES = {"norm1": E, "norm2": E, "norm_s": E, "norm": E, "bias": E, "b_i": E, "b_f": E, "mlp_b2": E, "b2": E,
-            "w_qkvq": ("embed", None), "s_qkvq": ("embed", None), "w_o": (None, "embed"), "s_o": (None, "embed"),
+            "w_qkvq": ("embed", None, "heads"), "s_qkvq": ("embed", None, "heads"),
+            "w_o": (None, "heads", "embed"), "s_o": (None, "heads", "embed"),
             "w_i": (None, "embed"), "w_f": (None, "embed"), "init_state": (None, "embed"),
             "state_pos": (None, "embed"), "mlp_w1": ("embed", "mlp"), "w1": ("embed", "mlp"), "mlp_b1": M, "b1": M,
             "mlp_w2": ("mlp", "embed"), "w2": ("mlp", "embed")}
@@ -59,6 +60,13 @@ def states_of(args, dims: Dims) -> int:
 def hidden_of(args, dims: Dims) -> int:
     h = int(args.get("hidden", 0) or 0)
     return h if h > 0 else 4 * dims.d_model
+
+
+def project_parts(parts: list[Float[Array, "*b H dh"]], w: Float[Array, "P D E"], dtype) -> Float[Array, "*b E"]:
+    """Σ_p merge_heads(parts[p]) @ w[p]: the projection of the concatenated attention outputs,
+    with each part (and each part's heads) kept on its own axis so that it shards by heads."""
+    h = jnp.stack([merge_heads(t) for t in parts], axis=-2).astype(dtype)  # (*b, P, D)
+    return jnp.einsum("...pd,pde->...e", h, w.astype(dtype))
 
 
 class Gate(eqx.Module):
@@ -112,8 +120,9 @@ class BlockRecurrent(eqx.Module):
 
     # token (vertical) path
     norm1: Float[Array, "D"]
-    w_qkvq: Float[Array, "D 4D"]  # queries, keys, values, and queries for the cross-attention to the state
-    w_o: Float[Array, "2D D"]  # [self; cross] attention outputs -> D
+    # queries, keys, values, and queries for the cross-attention to the state (see fused_init)
+    w_qkvq: Float[Array, "D 4 D"]
+    w_o: Float[Array, "2 D D"]  # [self; cross] attention outputs -> D, stored per part like w_qkvq
     norm2: Float[Array, "D"]
     mlp_w1: Float[Array, "D F"]
     mlp_b1: Float[Array, "F"]
@@ -123,8 +132,8 @@ class BlockRecurrent(eqx.Module):
     init_state: Float[Array, "S D"]
     state_pos: Float[Array, "S D"]
     norm_s: Float[Array, "D"]
-    s_qkvq: Float[Array, "D 4D"]
-    s_o: Float[Array, "2D D"]
+    s_qkvq: Float[Array, "D 4 D"]
+    s_o: Float[Array, "2 D D"]
     gate: Gate
     state_mlp: StateMLP | None
     heads: int = eqx.field(static=True)
@@ -138,7 +147,7 @@ class BlockRecurrent(eqx.Module):
     def state_kv(self, s: Float[Array, "B S D"]):
         """Keys, values and both query sets of the state (RMS norm + learned state positions)."""
         ns = rms_norm(s, self.norm_s) + self.state_pos.astype(s.dtype)
-        return [split_heads(t, self.heads) for t in jnp.split(ns @ self.s_qkvq.astype(s.dtype), 4, -1)]
+        return fused_heads(ns, self.s_qkvq, self.heads)
 
     def state_step(self, s: Float[Array, "B S D"], k_blk: Float[Array, "B W H dh"], v_blk: Float[Array, "B W H dh"]):
         """(state entering block k, block k's token keys/values) -> (next state, the state's keys/values)."""
@@ -149,7 +158,7 @@ class BlockRecurrent(eqx.Module):
         a_self = attend(rq, rk, rv, full)  # states attend to each other (no order among states)
         a_cross = attend(rq2, k_blk, v_blk, full)  # the state reads the whole block (it is used by the next one)
         h = merge_heads(jnp.concatenate([a_self, a_cross], axis=-2)).astype(s.dtype)  # (B, S, 2D)
-        r = h @ self.s_o.astype(s.dtype)
+        r = project_parts([a_self, a_cross], self.s_o, s.dtype)
         s = self.gate(s, r, h)
         if self.state_mlp is not None:
             s = self.state_mlp(s)
@@ -160,14 +169,14 @@ class BlockRecurrent(eqx.Module):
         from bstc.ops._attention import apply_rope
 
         h = rms_norm(x, self.norm1)
-        q, k, v, q2 = (split_heads(t, self.heads) for t in jnp.split(h @ self.w_qkvq.astype(x.dtype), 4, -1))
+        q, k, v, q2 = fused_heads(h, self.w_qkvq, self.heads)
         # The state reads the unrotated keys: RoPE only makes sense between two rotated sides,
         # and the state has no position on the token axis.
         return apply_rope(q, positions), apply_rope(k, positions), k, v, q2
 
     def finish(self, x: Float[Array, "*b D"], a_self: Array, a_cross: Array) -> Float[Array, "*b D"]:
         """Project [self; cross] attention, add to the residual, then the MLP; return the increment."""
-        a = merge_heads(jnp.concatenate([a_self, a_cross], axis=-2)).astype(x.dtype) @ self.w_o.astype(x.dtype)
+        a = project_parts([a_self, a_cross], self.w_o, x.dtype)
         h = rms_norm(x + a, self.norm2)
         m = jax.nn.gelu(h @ self.mlp_w1.astype(x.dtype) + self.mlp_b1.astype(x.dtype))
         m = m @ self.mlp_w2.astype(x.dtype) + self.mlp_b2.astype(x.dtype)
@@ -230,6 +239,7 @@ class BlockRecurrent(eqx.Module):
 class BlockRecurrentOp(Op):
     kind = "brt"
     role = "attn"
+    axes = BRT_AXES
     params = (
         Param("window", int, doc="block length W (sliding window and recurrence step)"),
         Param("state", int, 0, min=0, doc="number of state vectors S (0 = window, as in the paper)"),
@@ -282,9 +292,6 @@ class BlockRecurrentOp(Op):
         S, F = states_of(args, dims), hidden_of(args, dims)
         return (10 * D + 2 * F) * item + H * (2 * W + S) * 4 + S * 8 * D * item / W
 
-    def logical_axes(self, args, dims: Dims, context, module):
-        return named_axes(module, BRT_AXES)
-
     def build(self, args, dims: Dims, context, *, key):
         D, S, F, W = dims.d_model, states_of(args, dims), hidden_of(args, dims), int(args["window"])
         gate_kind = str(args.get("gate", "fixed"))
@@ -296,11 +303,12 @@ class BlockRecurrentOp(Op):
             state_mlp = StateMLP(ones(), dense_init(ks[8], D, F), jnp.zeros((F,)), dense_init(ks[9], F, D),
                                  jnp.zeros((D,)), Gate.make(gate_kind, F, D, ks[10]))
         return BlockRecurrent(
-            norm1=ones(), w_qkvq=dense_init(ks[0], D, 4 * D), w_o=dense_init(ks[1], 2 * D, D), norm2=ones(),
+            norm1=ones(), w_qkvq=fused_init(ks[0], D, 4, D), w_o=dense_init(ks[1], 2 * D, D).reshape(2, D, D),
+            norm2=ones(),
             mlp_w1=dense_init(ks[2], D, F), mlp_b1=jnp.zeros((F,)), mlp_w2=dense_init(ks[3], F, D),
             mlp_b2=jnp.zeros((D,)),
             # meliad: initial state small (0.1) but large enough for Adafactor to scale its updates.
             init_state=0.1 * jax.random.normal(ks[4], (S, D)), state_pos=jax.random.normal(ks[5], (S, D)),
-            norm_s=ones(), s_qkvq=dense_init(ks[6], D, 4 * D), s_o=dense_init(ks[7], 2 * D, D),
+            norm_s=ones(), s_qkvq=fused_init(ks[6], D, 4, D), s_o=dense_init(ks[7], 2 * D, D).reshape(2, D, D),
             gate=Gate.make(gate_kind, 2 * D, D, ks[11]), state_mlp=state_mlp,
             heads=heads_of(args, dims), window=W)

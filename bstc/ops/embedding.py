@@ -33,6 +33,7 @@ class HeadLayer(eqx.Module):
 class Embedding(Op):
     kind = "embedding"
     role = "embed"
+    axes = {"weight": ("vocab", "embed")}
     doc = "token embedding"
     params = ()
 
@@ -56,6 +57,7 @@ class Embedding(Op):
 class Head(Op):
     kind = "head"
     role = "embed"
+    axes = {"weight": ("vocab", "embed")}
     doc = "output projection to the vocabulary"
     params = (Param("tied", bool, False, doc="reuse the embedding matrix"),)
 

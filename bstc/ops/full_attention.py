@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, dense_init, dropout, heads_of,
-                              merge_heads, named_axes, split_heads)
+from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, dense_init, dropout, fused_heads,
+                              fused_init, heads_of, merge_heads)
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 
 # ---- the op ------------------------------------------------------------------------------------
@@ -22,7 +22,7 @@ from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 class FullAttention(eqx.Module):
     """x (B, L, D) -> causal self-attention output (B, L, D)."""
 
-    w_qkv: Float[Array, "D 3D"]
+    w_qkv: Float[Array, "D 3 D"]  # (in, q|k|v, out): see fused_init
     w_o: Float[Array, "D D"]
     heads: int = eqx.field(static=True)
     rope: bool = eqx.field(static=True)
@@ -33,8 +33,7 @@ class FullAttention(eqx.Module):
         from bstc.ops._attention import apply_rope, attend
 
         L = x.shape[1]
-        qkv = x @ self.w_qkv.astype(x.dtype)  # (B, L, 3D)
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))  # (B, L, H, dh)
+        q, k, v = fused_heads(x, self.w_qkv, self.heads)  # (B, L, H, dh) each
         if self.rope:
             pos = jnp.arange(L)
             q, k = apply_rope(q, pos), apply_rope(k, pos)
@@ -48,6 +47,7 @@ class FullAttention(eqx.Module):
 class FullAttentionOp(Op):
     kind = "full_attention"
     role = "attn"
+    axes = ATTN_AXES
     params = (
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
         Param("rope", bool, True, doc="rotary position embedding on queries and keys"),
@@ -74,11 +74,8 @@ class FullAttentionOp(Op):
         # q, k, v, output, plus the f32 probabilities (H·L per token) kept for the backward pass.
         return 4 * dims.d_model * item + heads_of(args, dims) * dims.seq_len * 4
 
-    def logical_axes(self, args, dims: Dims, context, module):
-        return named_axes(module, ATTN_AXES)
-
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model
         k1, k2 = jax.random.split(key)
-        return FullAttention(dense_init(k1, D, 3 * D), dense_init(k2, D, D), heads_of(args, dims),
+        return FullAttention(fused_init(k1, D, 3, D), dense_init(k2, D, D), heads_of(args, dims),
                              bool(args.get("rope", True)), float(args.get("dropout", 0.0)))

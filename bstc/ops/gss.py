@@ -25,7 +25,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops import _ssm
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, fft_len, register
-from bstc.ops._common import GELU_FLOPS, dense_init, named_axes
+from bstc.ops._common import GELU_FLOPS, dense_init
 
 
 def gss_sizes(args, dims: Dims) -> tuple[int, int, int]:
@@ -73,6 +73,10 @@ class GatedStateSpace(eqx.Module):
 class GatedStateSpaceOp(Op):
     kind = "gss"
     role = "ssm"
+    # The gate branch is MLP-like (embed -> mlp -> embed); the narrow SSM path stays whole.
+    axes = {"w_v": ("embed", "mlp"), "b_v": ("mlp",), "w_u": ("embed", None), "w_uc": (None, "mlp"),
+            "b_uc": ("mlp",), "w_o": ("mlp", "embed"), "b_o": ("embed",), "log_A_re": (None, "ssm_state"),
+            "A_im": (None, "ssm_state"), "C": (None, None, "ssm_state", None)}
     params = (
         Param("state", int, 64, min=2, doc="N: S4D state size (N/2 complex modes); even"),
         Param("expand", int, 3, min=1, doc="gate width F = expand · d_model"),
@@ -111,12 +115,6 @@ class GatedStateSpaceOp(Op):
         item = 2 if dims.dtype == "bfloat16" else 4
         F, hs, _ = gss_sizes(args, dims)
         return (3 * F + dims.d_model) * item + 4 * hs * 4  # gate branches, f32 FFT buffers
-
-    def logical_axes(self, args, dims: Dims, context, module):
-        # The gate branch is MLP-like (embed -> mlp -> embed); the narrow SSM path stays whole.
-        return named_axes(module, {"w_v": ("embed", "mlp"), "b_v": ("mlp",), "w_u": ("embed", None),
-                                   "w_uc": (None, "mlp"), "b_uc": ("mlp",), "w_o": ("mlp", "embed"),
-                                   "b_o": ("embed",)})
 
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model

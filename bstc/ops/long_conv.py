@@ -81,6 +81,7 @@ class LongConvLayer(eqx.Module):
 class LongConv(Op):
     kind = "long_conv"
     role = "ssm"
+    axes = _ssm.SSM_AXES
     context_source = True
     doc = "unstructured SSM: explicit long-convolution kernels, smoothed and squashed"
     params = (

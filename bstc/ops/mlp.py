@@ -43,6 +43,8 @@ class MLPLayer(eqx.Module):
 class MLP(Op):
     kind = "mlp"
     role = "mlp"
+    axes = {"w_in": ("embed", "mlp"), "w_gate": ("embed", "mlp"), "w_out": ("mlp", "embed"), "b_in": ("mlp",),
+            "b_out": ("embed",)}
     doc = "position-wise feed-forward network"
     params = (
         Param("hidden", int, min=1, doc="hidden width, e.g. 4 * d_model"),

@@ -8,6 +8,9 @@ from jaxtyping import Array, Float
 from bstc.ops.base import Op, Param, register
 
 
+NORM_AXES = {"weight": ("embed",), "bias": ("embed",)}
+
+
 class RMSNormLayer(eqx.Module):
     weight: Float[Array, "D"]
     eps: float = eqx.field(static=True)
@@ -35,6 +38,7 @@ class LayerNormLayer(eqx.Module):
 class RMSNorm(Op):
     kind = "rms_norm"
     role = "norm"
+    axes = NORM_AXES
     doc = "RMS normalisation with a learned scale"
     params = (Param("eps", float, 1e-6, min=0.0),)
 
@@ -52,6 +56,7 @@ class RMSNorm(Op):
 class LayerNorm(Op):
     kind = "layer_norm"
     role = "norm"
+    axes = NORM_AXES
     doc = "layer normalisation with learned scale and bias"
     params = (Param("eps", float, 1e-6, min=0.0),)
 

@@ -61,6 +61,7 @@ class S4DLayer(eqx.Module):
 class S4D(Op):
     kind = "s4d"
     role = "ssm"
+    axes = _ssm.SSM_AXES
     context_source = True
     doc = "diagonal state-space layer (S4D), causal FFT convolution over the whole sequence"
     params = (

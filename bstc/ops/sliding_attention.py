@@ -16,7 +16,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
-                                     dropout, heads_of, merge_heads, named_axes, split_heads)
+                              dropout, fused_heads, fused_init, heads_of, merge_heads)
 
 
 def sliding_mask(n_blocks: int, window: int) -> Bool[Array, "nb 1 W 2W"]:
@@ -38,7 +38,7 @@ def with_previous_block(t: Float[Array, "B nb W H dh"]) -> Float[Array, "B nb 2W
 class SlidingAttention(eqx.Module):
     """x (B, L, D) -> sliding-window causal self-attention output (B, L, D)."""
 
-    w_qkv: Float[Array, "D 3D"]
+    w_qkv: Float[Array, "D 3 D"]  # (in, q|k|v, out): see fused_init
     w_o: Float[Array, "D D"]
     heads: int = eqx.field(static=True)
     window: int = eqx.field(static=True)
@@ -51,8 +51,7 @@ class SlidingAttention(eqx.Module):
 
         B, L, D = x.shape
         W, nb = self.window, L // self.window
-        qkv = x @ self.w_qkv.astype(x.dtype)  # (B, L, 3D)
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(qkv, 3, axis=-1))  # (B, L, H, dh)
+        q, k, v = fused_heads(x, self.w_qkv, self.heads)  # (B, L, H, dh) each
         if self.rope:
             # RoPE is relative, so rotating by absolute positions before blocking is exact.
             pos = jnp.arange(L)
@@ -69,6 +68,7 @@ class SlidingAttention(eqx.Module):
 class SlidingAttentionOp(Op):
     kind = "sliding_attention"
     role = "attn"
+    axes = ATTN_AXES
     params = (
         Param("window", int, doc="block length W: each block attends to the previous and the current block"),
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
@@ -94,11 +94,8 @@ class SlidingAttentionOp(Op):
         item = 2 if dims.dtype == "bfloat16" else 4
         return 6 * dims.d_model * item + heads_of(args, dims) * 2 * int(args["window"]) * 4
 
-    def logical_axes(self, args, dims: Dims, context, module):
-        return named_axes(module, ATTN_AXES)
-
     def build(self, args, dims: Dims, context, *, key):
         D = dims.d_model
         k1, k2 = jax.random.split(key)
-        return SlidingAttention(dense_init(k1, D, 3 * D), dense_init(k2, D, D), heads_of(args, dims),
+        return SlidingAttention(fused_init(k1, D, 3, D), dense_init(k2, D, D), heads_of(args, dims),
                                 int(args["window"]), bool(args.get("rope", True)), float(args.get("dropout", 0.0)))

@@ -26,7 +26,7 @@ from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops._common import (ATTN_AXES, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
-                                     heads_of, merge_heads, named_axes, split_heads)
+                              fused_heads, fused_init, heads_of, merge_heads, split_heads)
 
 NUM_BUCKETS = 32
 
@@ -72,7 +72,7 @@ class XLAttention(eqx.Module):
     """x (B, L, D) -> attention over [stop-gradient memory of M tokens; current block] (B, L, D)."""
 
     w_q: Float[Array, "D D"]
-    w_kv: Float[Array, "D 2D"]
+    w_kv: Float[Array, "D 2 D"]  # (in, k|v, out): see fused_init
     w_o: Float[Array, "D D"]
     rel_bias: Float[Array, "buckets H"]
     heads: int = eqx.field(static=True)
@@ -86,13 +86,12 @@ class XLAttention(eqx.Module):
         B, L, D = x.shape
         W, M, H, nb = self.window, self.memory, self.heads, L // self.window
         mem_pos, mem_ok, buckets, causal = xl_layout(W, M, nb)
-        w_kv = self.w_kv.astype(x.dtype)
         q = split_heads(x @ self.w_q.astype(x.dtype), H).reshape(B, nb, W, H, -1)  # (B, nb, W, H, dh)
-        k, v = (split_heads(t, H).reshape(B, nb, W, H, -1) for t in jnp.split(x @ w_kv, 2, -1))
+        k, v = (t.reshape(B, nb, W, H, -1) for t in fused_heads(x, self.w_kv, H))
         # The memory: keys/values from the stop-gradient input (weights still get gradients).
         xm = jax.lax.stop_gradient(x) if self.stop_memory_grad else x
         xm = xm[:, mem_pos.reshape(-1)]  # (B, nb·M, D): the M tokens before each block
-        km, vm = (split_heads(t, H).reshape(B, nb, M, H, -1) for t in jnp.split(xm @ w_kv, 2, -1))
+        km, vm = (t.reshape(B, nb, M, H, -1) for t in fused_heads(xm, self.w_kv, H))
         k = jnp.concatenate([km, k], axis=2)  # (B, nb, M+W, H, dh)
         v = jnp.concatenate([vm, v], axis=2)
         ok = np.concatenate([mem_ok, np.ones((nb, W), bool)], axis=1)  # (nb, M+W)
@@ -107,6 +106,7 @@ class XLAttention(eqx.Module):
 class XLAttentionOp(Op):
     kind = "xl_attention"
     role = "attn"
+    axes = ATTN_AXES
     params = (
         Param("window", int, doc="segment (block) length W"),
         Param("memory", int, 0, min=0, doc="memory length M in tokens (0 = window)"),
@@ -137,12 +137,9 @@ class XLAttentionOp(Op):
         M, W = memory_of(args, dims), int(args["window"])
         return (4 + 2 * M / W) * dims.d_model * item + heads_of(args, dims) * (M + W) * 4
 
-    def logical_axes(self, args, dims: Dims, context, module):
-        return named_axes(module, ATTN_AXES)
-
     def build(self, args, dims: Dims, context, *, key):
         D, H = dims.d_model, heads_of(args, dims)
         k1, k2, k3 = jax.random.split(key, 3)
-        return XLAttention(dense_init(k1, D, D), dense_init(k2, D, 2 * D), dense_init(k3, D, D),
+        return XLAttention(dense_init(k1, D, D), fused_init(k2, D, 2, D), dense_init(k3, D, D),
                            jnp.zeros((NUM_BUCKETS, H), jnp.float32), H, int(args["window"]),
                            memory_of(args, dims), float(args.get("dropout", 0.0)))
