@@ -561,5 +561,81 @@ def compile_cmd(
         json_out.write_text(json.dumps({"rows": rows, "overrides": overrides, "machine": machine_info()}, indent=2))
 
 
+def run_decode(model: str, overrides: dict, tokens: int, repeats: int) -> dict:
+    """Per-token time of sampling `tokens` bytes, through the caches and by recomputing the
+    forward pass over seq_len tokens, interleaved in one process (each compiled first)."""
+    import jax
+
+    import bstc
+    from bstc import decode
+    from bstc.runtime.sampling import generate
+
+    m = bstc.parse(model, overrides=overrides)
+    net = bstc.load(model, key=jax.random.key(0), overrides=overrides)
+    ok, missing = decode.decodable(net)
+    if not ok:
+        raise ValueError(f"{m.name} has layers without a decode step ({missing}): nothing to compare")
+    seq_len, vocab = m.dims.seq_len, m.dims.vocab
+    ways = {"cached": True, "recompute": False}
+    times: dict[str, list[float]] = {w: [] for w in ways}
+    for r in range(repeats + 1):  # the first round compiles
+        for way, cache in ways.items():
+            t0 = time.perf_counter()
+            generate(net, b"\n", tokens, seq_len=seq_len, vocab=vocab, temperature=1.0, seed=r, cache=cache)
+            if r:
+                times[way].append((time.perf_counter() - t0) / tokens)
+    med = {w: statistics.median(v) for w, v in times.items()}
+    return {"model": m.name, "seq_len": seq_len, "d_model": m.dims.d_model, "tokens": tokens, "repeats": repeats,
+            "s_per_token": med, "raw": times, "speedup": med["recompute"] / med["cached"],
+            "overrides": overrides, "machine": machine_info()}
+
+
+@bench_app.command("decode")
+def decode_cmd(
+    model: str = typer.Argument("bst_sh_s4", help="A model file or zoo name whose layers all have a decode step."),
+    tokens: int = typer.Option(256, "--tokens", "-n", min=1, help="Bytes to generate per timing."),
+    repeats: int = typer.Option(3, "--repeats", min=1, help="Timings of each way (after one to compile)."),
+    set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a top-level model parameter (repeatable)."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
+):
+    """Sampling speed: cached decoding against recomputing the forward pass for every token."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from bstc import zoo
+    from bstc.commands import cli_errors, parse_sets
+
+    path = zoo.resolve(model)
+    if path is None:
+        _fail(f"no model file or zoo model named {model!r}")
+    overrides: dict = {}
+
+    @cli_errors
+    def go():
+        from bstc.frontend import parse_ast
+
+        names = {a.name for a in parse_ast(str(path))[0].assigns}  # defaults only for what the file defines
+        defaults = {"d_model": 128, "heads": 4, "seq_len": 1024, "window": 128, "groups": 1}
+        overrides.update({k: v for k, v in defaults.items() if k in names})
+        overrides.update(parse_sets(set_))
+        try:
+            return run_decode(str(path), dict(overrides), tokens, repeats)
+        except ValueError as e:
+            _fail(str(e))
+
+    out = go()
+    t = Table(title=f"sampling {tokens} bytes — {out['model']}, "
+                    + ", ".join(f"{k}={v}" for k, v in overrides.items())
+                    + f"; {out['machine']['backend']} ({out['machine']['cpu_count']} cores)")
+    for c in ("decoding", "ms / token", "tokens / s", "× cached"):
+        t.add_column(c, justify="right")
+    for way, s_tok in out["s_per_token"].items():
+        t.add_row(way, f"{1e3 * s_tok:.2f}", f"{1 / s_tok:,.0f}", f"{s_tok / out['s_per_token']['cached']:.1f}")
+    Console().print(t)
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(out, indent=2))
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

@@ -1,10 +1,16 @@
 """`bstc sample RUN_DIR`: generate bytes from a trained run.
 
-Decoding recomputes the causal forward pass over a fixed window of the last `seq_len` tokens
-for every new token (one compiled function, reused): every model in the zoo decodes this way
-with no per-layer cache code, and because each model is causal the logits at the newest
-position equal those of the full forward pass over the same tokens. The cost is O(seq_len)
-per token instead of O(1); fine for inspecting a model, not for serving one.
+Two ways to decode, with the same sampling:
+
+* **cached** (the default where the model allows it; `bstc.decode`): the prompt is fed token by
+  token through per-layer caches (the SSM's recurrent state, the current block's keys, values
+  and context), then each new token costs O(1) in the length of the history. A Block-State
+  Transformer decodes this way with no length limit: the history stays in the SSM's state,
+  past `seq_len`.
+* **recompute** (any model; `--no-cache`): the causal forward pass over a window of the last
+  `seq_len` tokens for every new token (one compiled function, reused). Because the model is
+  causal, the logits at the newest position equal the full forward pass over the same tokens.
+  O(seq_len) per token: fine for inspecting a model, not for serving one.
 """
 from __future__ import annotations
 
@@ -19,24 +25,65 @@ import numpy as np
 import typer
 
 
+def choose(logits, key, temperature, n_bytes: int):
+    """The next token from one position's logits: temperature 0 = greedy; only bytes are sampled."""
+    logits = logits[..., :n_bytes]
+    greedy = jnp.argmax(logits, axis=-1)
+    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
+    return jnp.where(temperature > 0, sampled, greedy).astype(jnp.int32)
+
+
 @eqx.filter_jit
 def next_token(model, tokens, n_valid, key, temperature, n_bytes: int):
     """The token after tokens[:n_valid] (tokens (seq_len,) int32; entries after n_valid are padding
-    that a causal model never reads). temperature 0 = greedy; only byte tokens are sampled."""
+    that a causal model never reads)."""
     params, static = eqx.partition(model, eqx.is_array)
     logits = eqx.combine(params, static)(tokens[None])[0]
-    logits = jax.lax.dynamic_index_in_dim(logits, n_valid - 1, keepdims=False)[:n_bytes]
-    greedy = jnp.argmax(logits)
-    sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6))
-    return jnp.where(temperature > 0, sampled, greedy)
+    return choose(jax.lax.dynamic_index_in_dim(logits, n_valid - 1, keepdims=False), key, temperature, n_bytes)
+
+
+@eqx.filter_jit
+def generate_cached(model, prompt, n_tokens: int, key, temperature, n_bytes: int):
+    """Feed `prompt` (P,) through the caches, then sample n_tokens, in one compiled program (two
+    `lax.scan`s). Token i is drawn with fold_in(key, i), as the recompute path draws it."""
+    from bstc import decode
+
+    def feed(carry, tok):
+        caches, t, _ = carry
+        caches, logits = decode.step(model, caches, tok[None], t)
+        return (caches, t + 1, logits[0]), None
+
+    caches = decode.init_caches(model, 1)
+    _, first = jax.eval_shape(lambda: decode.step(model, caches, prompt[:1], 0))
+    carry, _ = jax.lax.scan(feed, (caches, jnp.int32(0), jnp.zeros(first.shape[1:], jnp.float32)), prompt)
+
+    def sample_one(carry, i):
+        tok = choose(carry[2], jax.random.fold_in(key, i), temperature, n_bytes)
+        carry, _ = feed(carry, tok)
+        return carry, tok
+
+    _, out = jax.lax.scan(sample_one, carry, jnp.arange(n_tokens))
+    return out
 
 
 def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, temperature: float = 0.8,
-             seed: int = 0) -> bytes:
-    """Sample `n_tokens` bytes after `prompt` (the prompt may be empty)."""
+             seed: int = 0, cache: bool | None = None) -> bytes:
+    """Sample `n_tokens` bytes after `prompt` (the prompt may be empty). cache=True decodes through
+    per-layer caches, False recomputes the forward pass over the last seq_len tokens, None takes
+    the first where the model supports it."""
+    from bstc import decode
+
     n_bytes = min(vocab, 256)
     hist = list(prompt) or [ord("\n")]
     key = jax.random.key(seed)
+    ok, missing = decode.decodable(model)
+    if cache is None:
+        cache = ok
+    if cache:
+        if not ok:
+            raise ValueError(f"this model cannot decode through caches: {missing} have no decode step")
+        out = generate_cached(model, jnp.asarray(hist, jnp.int32), n_tokens, key, jnp.float32(temperature), n_bytes)
+        return bytes(int(t) % 256 for t in np.asarray(out))
     out = []
     for i in range(n_tokens):
         window = hist[-seq_len:]
@@ -55,8 +102,12 @@ def sample(
     tokens: int = typer.Option(200, "--tokens", "-n", min=1, help="How many bytes to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    no_cache: bool = typer.Option(False, "--no-cache",
+                                  help="Recompute the forward pass over the last seq_len tokens for every token "
+                                       "instead of decoding through per-layer caches."),
 ):
     """Generate text from a trained run (byte-level), continuing --prompt."""
+    from bstc import decode
     from bstc.runtime.commands import _errors, _latest_run
     from bstc.runtime.evaluator import load_model
 
@@ -65,8 +116,13 @@ def sample(
         rd = run_dir or _latest_run()
         model, step, _cfg, spec = load_model(rd)
         seq_len, vocab = int(spec.seq_len), int(spec.vocab)
-        typer.echo(f"# {rd} (step {step}), temperature {temperature}", err=True)
-        text = generate(model, prompt.encode(), tokens, seq_len=seq_len, vocab=vocab, temperature=temperature, seed=seed)
+        ok, missing = decode.decodable(model)
+        cached = ok and not no_cache
+        how = ("cached decoding" if cached else "recomputing the forward pass per token"
+               + ("" if ok else f" ({missing} have no decode step)"))
+        typer.echo(f"# {rd} (step {step}), temperature {temperature}, {how}", err=True)
+        text = generate(model, prompt.encode(), tokens, seq_len=seq_len, vocab=vocab, temperature=temperature,
+                        seed=seed, cache=cached)
         sys.stdout.write(prompt + text.decode("utf-8", errors="replace") + "\n")
 
     run()

@@ -92,6 +92,23 @@ def test_bench_model_reports_mfu(tmp_path):
     assert r.exit_code == 2
 
 
+def test_bench_decode_compares_cached_and_recomputed_sampling(tmp_path):
+    out = tmp_path / "d.json"
+    path = zoo.resolve("bst_mf_s4")
+    sets = [a for k, v in tiny_overrides(path).items() for a in ("--set", f"{k}={v}")]
+    r = CliRunner().invoke(app, ["bench", "decode", str(path), *sets, "--tokens", "8", "--repeats", "1",
+                                 "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "cached" in r.output and "recompute" in r.output
+    d = json.loads(out.read_text())
+    assert set(d["s_per_token"]) == {"cached", "recompute"} and all(v > 0 for v in d["s_per_token"].values())
+    assert d["speedup"] == pytest.approx(d["s_per_token"]["recompute"] / d["s_per_token"]["cached"])
+    assert d["seq_len"] == tiny_overrides(path)["seq_len"] and len(d["raw"]["cached"]) == 1
+    # a model with layers that have no decode step: a one-line error, not a traceback
+    r = CliRunner().invoke(app, ["bench", "decode", "transformer", "--set", "d_model=32", "--tokens", "2"])
+    assert r.exit_code == 2 and "FullAttention" in r.output and "Traceback" not in r.output
+
+
 def _unroll_recurrences(model):
     """XLA's cost analysis counts a loop body once: unroll the BRT's scan over blocks."""
     from bstc.ops.brt import BlockRecurrent

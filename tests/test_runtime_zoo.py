@@ -94,6 +94,14 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
     assert {"64", "128", "256"} <= set(res["lengths"]) and all("bpb" in v for v in res["lengths"].values())
     assert (run / "eval" / "per_position-validation.png").is_file()
 
+    # sampling: through the caches by default, by recomputation with --no-cache; greedy, and
+    # within seq_len (4 + 40 < 64 tokens), the two give the same text
+    r = bstc("sample", str(run), "-p", "def ", "-n", "40", "-t", "0")
+    assert r.returncode == 0 and "cached decoding" in r.stderr, r.stderr
+    r2 = bstc("sample", str(run), "-p", "def ", "-n", "40", "-t", "0", "--no-cache")
+    assert r2.returncode == 0 and "recomputing" in r2.stderr, r2.stderr
+    assert r.stdout.startswith("def ") and r.stdout == r2.stdout
+
     (run / "loss.png").unlink()
     assert bstc("plot", str(run)).returncode == 0 and (run / "loss.png").is_file()
 

@@ -1,9 +1,11 @@
-"""Sampling: greedy decoding equals the argmax of the full forward pass at every step."""
+"""Sampling by recomputation (`--no-cache`): greedy decoding equals the argmax of the forward pass
+over the last seq_len tokens at every step. Cached decoding is tested in test_decode.py."""
 from __future__ import annotations
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import pytest
 
 import bstc
 from bstc.runtime.sampling import generate
@@ -28,7 +30,7 @@ model tiny {
 def test_greedy_generation_follows_full_forward_argmax():
     model = bstc.load(TEXT, key=jax.random.key(0))
     prompt = b"def f(x): return"  # 16 bytes: the history crosses the 32-token window while decoding
-    out = generate(model, prompt, 20, seq_len=32, vocab=256, temperature=0.0)
+    out = generate(model, prompt, 20, seq_len=32, vocab=256, temperature=0.0, cache=False)
     assert len(out) == 20
     forward = eqx.filter_jit(model)
     hist = list(prompt)
@@ -41,9 +43,10 @@ def test_greedy_generation_follows_full_forward_argmax():
         hist.append(tok)
 
 
-def test_sampling_is_seeded():
+@pytest.mark.parametrize("cache", [False, True])
+def test_sampling_is_seeded(cache):
     model = bstc.load(TEXT, key=jax.random.key(1))
-    a = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=3)
-    b = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=3)
-    c = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=4)
+    a = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=3, cache=cache)
+    b = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=3, cache=cache)
+    c = generate(model, b"x", 10, seq_len=32, vocab=256, temperature=50.0, seed=4, cache=cache)
     assert a == b and a != c

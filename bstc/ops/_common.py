@@ -66,6 +66,18 @@ def fused_heads(x: Float[Array, "*b D"], w: Float[Array, "D p E"], heads: int) -
     return [split_heads(y[..., i, :], heads) for i in range(w.shape[1])]
 
 
+class Positionwise:
+    """Mixin for layers that treat every position alone (MLP, norms, dropout): decoding one token
+    is the layer applied to it, with no cache. See bstc/decode.py for the decoding protocol:
+    `init_cache(batch, dtype)` and `decode(cache, x_t, t, *, context=None) -> (cache, y_t)`."""
+
+    def init_cache(self, batch: int, dtype):
+        return None
+
+    def decode(self, cache, x_t: Float[Array, "B D"], t, *, context=None):
+        return cache, self(x_t[:, None])[:, 0]
+
+
 def dropout(x: Array, rate: float, key: PRNGKeyArray | None) -> Array:
     """Inverted dropout; key=None (evaluation) or rate 0 is the identity."""
     if key is None or rate <= 0.0:

@@ -97,6 +97,69 @@ class BlockAttentionLayer(eqx.Module):
         return dropout(o, self.dropout, key)
 
 
+    # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
+    # One token at a time: the keys/values of the current block so far (W slots, position t mod
+    # W), the projected context of the current block, and the context source's outputs over the
+    # current block (they become the next block's context). O((S + W)·D + D²) per token, and no
+    # limit on the length: positions are taken within the block.
+    def init_cache(self, batch: int, dtype) -> dict:
+        W, H, D = self.window, self.heads, self._d()
+        kv = jnp.zeros((batch, W, H, D // H), dtype)
+        cache = {"k": kv, "v": kv}
+        if self.variant is None:
+            return cache
+        S = W if self.variant == "mh" else self.n_context
+        src = {"sh": (batch, W, D), "mh": (batch, W, H, D), "mf": (batch, S, D)}[self.variant]
+        ckv = jnp.zeros((batch, S, H, D // H), dtype)
+        return {**cache, "ck": ckv, "cv": ckv, "src": jnp.zeros(src, dtype)}
+
+    def _block_context(self, src, k_block, dtype):
+        """Projected context keys/values of block k_block from the source's outputs over the
+        block before it (`src`): the decoding twin of `context_vectors`."""
+        B, W, H = src.shape[0], self.window, self.heads
+        D = self._d()
+        first = self.ctx_first if self.ctx_first is not None else jnp.zeros((self.n_context, D), dtype)
+        first = first.astype(dtype)
+        if self.variant == "mh":
+            first = jnp.broadcast_to(first[:, None, :], (W, H, D))
+        c = jnp.where(k_block == 0, jnp.broadcast_to(first, src.shape), src)
+        if self.variant == "mf":
+            c = c + self.ctx_ids.astype(dtype)[None]
+        if self.variant == "mh":
+            wk = self.wk.astype(dtype).reshape(D, H, D // H)
+            wv = self.wv.astype(dtype).reshape(D, H, D // H)
+            return jnp.einsum("bwhd,dhe->bwhe", c, wk), jnp.einsum("bwhd,dhe->bwhe", c, wv)
+        S = c.shape[1]
+        return ((c @ self.wk.astype(dtype)).reshape(B, S, H, D // H),
+                (c @ self.wv.astype(dtype)).reshape(B, S, H, D // H))
+
+    def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
+        B, D = x_t.shape
+        W, H = self.window, self.heads
+        p = t % W
+        q, k, v = (self._proj(x_t[:, None], w)[:, 0] for w in (self.wq, self.wk, self.wv))  # (B, H, dh)
+        if self.rope:
+            q, k = (apply_rope(a[:, None], p[None])[:, 0] for a in (q, k))
+        cache = {**cache, "k": cache["k"].at[:, p].set(k), "v": cache["v"].at[:, p].set(v)}
+        keys, values = cache["k"], cache["v"]
+        visible = jnp.arange(W) <= p
+        if self.variant is not None:
+            if context is None:
+                raise ValueError("this block_attention expects a context (its edge's source output)")
+            # A new block starts: its context comes from the source's outputs over the last block.
+            ck, cv = jax.lax.cond(p == 0, lambda c: self._block_context(c["src"], t // W, x_t.dtype),
+                                  lambda c: (c["ck"], c["cv"]), cache)
+            src = context.astype(x_t.dtype)
+            src = src if self.variant == "mf" else cache["src"].at[:, p].set(src)
+            cache = {**cache, "ck": ck, "cv": cv, "src": src}
+            keys, values = jnp.concatenate([ck, keys], 1), jnp.concatenate([cv, values], 1)
+            visible = jnp.concatenate([jnp.ones((ck.shape[1],), bool), visible])
+        from bstc.ops._attention import attend
+
+        o = attend(q[:, None], keys, values, visible[None]).reshape(B, D)
+        return cache, o @ self.wo.astype(x_t.dtype)
+
+
 def _heads(args, dims) -> int:
     return args["heads"] or dims.heads
 

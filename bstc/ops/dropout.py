@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import equinox as eqx
 
-from bstc.ops._common import dropout
+from bstc.ops._common import Positionwise, dropout
 from bstc.ops.base import Op, Param, register
 
 
-class DropoutLayer(eqx.Module):
+class DropoutLayer(eqx.Module, Positionwise):
     rate: float = eqx.field(static=True)
 
     def __call__(self, x, *, context=None, key=None):

@@ -70,6 +70,19 @@ class LongConvLayer(eqx.Module):
     b_out: Float[Array, "H"]
     dropout: float = eqx.field(static=True)
 
+    # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
+    def init_cache(self, batch: int, dtype) -> Float[Array, "B Lk H"]:
+        """The last Lk inputs, newest first (the kernel reaches no further back)."""
+        return jnp.zeros((batch, self.kernel.weight.shape[-1], self.w_out.shape[0]), jnp.float32)
+
+    def decode(self, cache, x_t: Float[Array, "B H"], t, *, context=None):
+        """One token: y_t[f] = Σ_j K[f, :, j]·x_{t−j} over the cached history. O(F·H·Lk) per token,
+        no FFT; equal to row t of `self(x)` (deterministic)."""
+        hist = jnp.concatenate([x_t.astype(jnp.float32)[:, None], cache[:, :-1]], axis=1)  # (B, Lk, H)
+        y = jnp.einsum("fhj,bjh->bfh", self.kernel(), hist)  # (B, F, H), float32
+        out = _ssm.ssm_output(y[:, None], x_t[:, None], self.D, self.w_out, self.b_out, x_t.dtype)
+        return hist, out[:, 0]
+
     def __call__(self, x: Float[Array, "B L H"], *, context=None, key=None):
         k_ker, k_out = jax.random.split(key) if key is not None else (None, None)
         # Kernels shorter than L are zero-padded (no influence beyond kernel_len); longer ones cut.

@@ -6,13 +6,13 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from bstc.ops._common import dropout
+from bstc.ops._common import Positionwise, dropout
 from bstc.ops.base import Op, Param, register
 
 ACT_FLOPS = {"gelu": 8.0, "relu": 1.0, "swiglu": 6.0}  # per hidden element, as XLA counts them
 
 
-class MLPLayer(eqx.Module):
+class MLPLayer(eqx.Module, Positionwise):
     w_in: Float[Array, "D M"]
     w_gate: Float[Array, "D M"] | None
     w_out: Float[Array, "M D"]

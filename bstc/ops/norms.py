@@ -5,13 +5,14 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
+from bstc.ops._common import Positionwise
 from bstc.ops.base import Op, Param, register
 
 
 NORM_AXES = {"weight": ("embed",), "bias": ("embed",)}
 
 
-class RMSNormLayer(eqx.Module):
+class RMSNormLayer(eqx.Module, Positionwise):
     weight: Float[Array, "D"]
     eps: float = eqx.field(static=True)
 
@@ -21,7 +22,7 @@ class RMSNormLayer(eqx.Module):
         return (y * self.weight.astype(jnp.float32)).astype(x.dtype)
 
 
-class LayerNormLayer(eqx.Module):
+class LayerNormLayer(eqx.Module, Positionwise):
     weight: Float[Array, "D"]
     bias: Float[Array, "D"]
     eps: float = eqx.field(static=True)

@@ -46,6 +46,13 @@ class S4DLayer(eqx.Module):
         """The convolution + skip as a recurrence (dA, dB, C, D), batched over sequences."""
         return _ssm.S4DRecurrence.from_params(self.log_dt, self.log_A_re, self.A_im, self.C, self.D)
 
+    # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
+    def init_cache(self, batch: int, dtype) -> Complex[Array, "B H N2"]:
+        return self.init_state(batch)
+
+    def decode(self, cache, x_t: Float[Array, "B H"], t, *, context=None):
+        return self.step(cache, x_t)
+
     def init_state(self, batch: int) -> Complex[Array, "B H N2"]:
         return jnp.zeros((batch,) + self.log_A_re.shape, jnp.complex64)
 

@@ -1,0 +1,159 @@
+"""Cached decoding (bstc/decode.py): token-by-token logits through the per-layer caches equal
+the parallel forward pass, for every decodable zoo model, past seq_len, and for the sublayer
+arrangements the language allows (post-norm, shared weights, dropout, long_conv, MF/MH context)."""
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import bstc
+from bstc import decode
+from bstc.runtime.sampling import generate
+from conftest import tiny_overrides, zoo_paths
+
+BST_VARIANTS = {"bst_sh_s4.bst", "bst_mh_s4.bst", "bst_mf_s4.bst", "bst_sh_unstructured.bst",
+                "bst_mf_unstructured.bst", "bst_sh_s4.yaml"}
+
+
+def assert_decode_equals_forward(model, length: int, batch: int = 2, seed: int = 1):
+    tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
+    ref = np.asarray(model(tokens))
+    got = np.asarray(decode.decode_logits(model, tokens))
+    scale = np.abs(ref).max()
+    np.testing.assert_allclose(got, ref, atol=1e-4 * scale, rtol=0)
+
+
+@pytest.mark.parametrize("path", zoo_paths(), ids=lambda p: p.name)
+def test_zoo_decodes_like_the_forward_pass_past_seq_len(path):
+    """Every BST variant decodes through caches, twice as far as it was built for; the
+    baselines without a decode step say so (and are sampled by recomputation)."""
+    o = tiny_overrides(path)
+    model = bstc.load(path, key=jax.random.key(0), overrides=o)
+    ok, missing = decode.decodable(model)
+    assert ok == (path.name in BST_VARIANTS), (path.name, missing)
+    if ok:
+        assert_decode_equals_forward(model, 2 * o["seq_len"])
+    else:
+        assert missing
+
+
+ARRANGEMENTS = """
+model arrangements {
+  vocab = 256; d_model = 32; heads = 4; window = 8; seq_len = 32
+  placement = post
+  block conv {
+    ssm  = long_conv(filters: 1, kernel_len: 12, smooth: 3)
+    attn = block_attention(window: window, context: ssm -> sh, norm: layer)
+    drop = dropout(rate: 0.1, norm: none)
+    mlp  = mlp(hidden: 48, act: swiglu, placement: pre)
+  }
+  block mh {
+    ssm  = s4d(state: 8, filters: heads)
+    attn = block_attention(window: window, context: ssm -> mh)
+  }
+  block mf {
+    ssm  = s4d(state: 8, filters: 3, init: inv)
+    attn = block_attention(window: window, context: ssm -> mf, rope: false)
+    mlp  = mlp(hidden: 48, act: gelu, bias: true)
+  }
+  layers {
+    embed
+    conv share tied
+    mh
+    conv share tied
+    repeat 2 { mf }
+    norm rms
+    head tied
+  }
+}
+"""
+
+
+def test_post_norm_shared_scanned_and_every_context_variant_decode_like_the_forward_pass():
+    """A kernel shorter than the sequence, post-norm, a shared block used twice (one cache per
+    use), a scanned stack, and SH/MH/MF context, at three times seq_len."""
+    model = bstc.load(ARRANGEMENTS, key=jax.random.key(3))
+    assert decode.decodable(model) == (True, "")
+    assert_decode_equals_forward(model, 96, batch=3)
+
+
+def test_bfloat16_compute_decodes_close_to_the_forward_pass():
+    text = ARRANGEMENTS.replace("seq_len = 32", "seq_len = 32; dtype = bfloat16")
+    model = bstc.load(text, key=jax.random.key(3))
+    tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 256)
+    ref, got = np.asarray(model(tokens)), np.asarray(decode.decode_logits(model, tokens))
+    # bf16 rounds differently token by token than in the batched forward: compare predictions
+    assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.9
+    assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_decoding_is_causal_state_carries_the_past():
+    """The caches carry information across blocks: changing the first token changes a logit
+    several blocks later (the SSM state and the context), and never an earlier one."""
+    model = bstc.load(ARRANGEMENTS, key=jax.random.key(3))
+    a = jax.random.randint(jax.random.key(4), (1, 64), 0, 256)
+    b = a.at[0, 20].set((a[0, 20] + 1) % 256)
+    la, lb = np.asarray(decode.decode_logits(model, a)), np.asarray(decode.decode_logits(model, b))
+    assert np.array_equal(la[:, :20], lb[:, :20])
+    assert np.abs(la[:, 40:] - lb[:, 40:]).max() > 1e-3
+
+
+SMALL = """
+model tiny {
+  vocab = 256; d_model = 32; heads = 2; window = 8; seq_len = 32
+  block bst {
+    ssm = s4d(state: 8)
+    attn = block_attention(window: window, context: ssm -> sh)
+    mlp = mlp(hidden: 64)
+  }
+  layers { embed; bst; bst; norm rms; head tied }
+}
+"""
+
+
+def test_cached_greedy_generation_follows_the_forward_pass_over_the_whole_history():
+    """Past seq_len the cached path keeps the whole history (the forward pass over all of it is
+    its oracle), where the recompute path sees a window of seq_len tokens."""
+    model = bstc.load(SMALL, key=jax.random.key(0))
+    prompt = b"def f(x): return"
+    out = generate(model, prompt, 30, seq_len=32, vocab=256, temperature=0.0, cache=True)
+    hist = list(prompt)
+    forward = eqx.filter_jit(model)
+    for tok in out:
+        n = len(hist)
+        padded = hist + [0] * (-n % 8)
+        assert tok == int(jnp.argmax(forward(jnp.asarray([padded], jnp.int32))[0, n - 1]))
+        hist.append(tok)
+
+
+def test_cached_and_recomputed_sampling_agree_within_seq_len():
+    model = bstc.load(SMALL, key=jax.random.key(5))
+    for temperature in (0.0, 1.0):
+        a = generate(model, b"import ", 20, seq_len=32, vocab=256, temperature=temperature, seed=2, cache=True)
+        b = generate(model, b"import ", 20, seq_len=32, vocab=256, temperature=temperature, seed=2, cache=False)
+        assert a == b
+
+
+def test_a_model_without_decode_steps_falls_back_to_recomputation():
+    path = next(p for p in zoo_paths() if p.name == "transformer.bst")
+    model = bstc.load(path, key=jax.random.key(0), overrides=tiny_overrides(path))
+    assert decode.decodable(model) == (False, "FullAttention")
+    with pytest.raises(ValueError, match="FullAttention"):
+        generate(model, b"x", 3, seq_len=64, vocab=256, cache=True)
+    assert len(generate(model, b"x", 3, seq_len=64, vocab=256)) == 3
+
+
+def test_the_python_example_in_docs_runtime_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "docs" / "runtime.md").read_text()
+    blocks = [b for b in re.findall(r"```python\n(.*?)```", text, re.S) if "decode_logits" in b]
+    assert len(blocks) == 1
+    scope: dict = {}
+    exec(compile(blocks[0], "docs/runtime.md", "exec"), scope)
+    assert decode.decodable(scope["model"]) == (True, "")
+    assert scope["logits"].shape == (1, 512, 256) and len(scope["text"]) == 50
