@@ -12,6 +12,24 @@ TINY = dict(groups=1, d_model=32, heads=2, window=16, seq_len=64, mlp_hidden=64,
             memory=16, state_vectors=16)
 
 
+# The smallest BST (S4D context source -> block attention -> MLP, twice): for sampling tests.
+SMALL_BST = """
+model tiny {
+  vocab = 256
+  d_model = 32
+  heads = 2
+  window = 8
+  seq_len = 32
+  block bst {
+    ssm = s4d(state: 8)
+    attn = block_attention(window: window, context: ssm -> sh)
+    mlp = mlp(hidden: 64)
+  }
+  layers { embed; bst; bst; norm rms; head tied }
+}
+"""
+
+
 def tiny_overrides(path, **extra) -> dict:
     """TINY restricted to the parameters the model file defines (unknown --set names are errors)."""
     from bstc.frontend import parse_ast

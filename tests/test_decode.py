@@ -12,7 +12,7 @@ import pytest
 import bstc
 from bstc import decode
 from bstc.runtime.sampling import generate
-from conftest import tiny_overrides, zoo_paths
+from conftest import SMALL_BST as SMALL, tiny_overrides, zoo_paths
 
 BST_VARIANTS = {"bst_sh_s4.bst", "bst_mh_s4.bst", "bst_mf_s4.bst", "bst_sh_unstructured.bst",
                 "bst_mf_unstructured.bst", "bst_sh_s4.yaml"}
@@ -99,19 +99,6 @@ def test_decoding_is_causal_state_carries_the_past():
     la, lb = np.asarray(decode.decode_logits(model, a)), np.asarray(decode.decode_logits(model, b))
     assert np.array_equal(la[:, :20], lb[:, :20])
     assert np.abs(la[:, 40:] - lb[:, 40:]).max() > 1e-3
-
-
-SMALL = """
-model tiny {
-  vocab = 256; d_model = 32; heads = 2; window = 8; seq_len = 32
-  block bst {
-    ssm = s4d(state: 8)
-    attn = block_attention(window: window, context: ssm -> sh)
-    mlp = mlp(hidden: 64)
-  }
-  layers { embed; bst; bst; norm rms; head tied }
-}
-"""
 
 
 def test_cached_greedy_generation_follows_the_forward_pass_over_the_whole_history():

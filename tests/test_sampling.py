@@ -8,23 +8,9 @@ import jax.numpy as jnp
 import pytest
 
 import bstc
+from conftest import SMALL_BST as TEXT
 from bstc.runtime.sampling import generate
 
-TEXT = """
-model tiny {
-  vocab = 256
-  d_model = 32
-  heads = 2
-  window = 8
-  seq_len = 32
-  block bst {
-    ssm = s4d(state: 8)
-    attn = block_attention(window: window, context: ssm -> sh)
-    mlp = mlp(hidden: 64)
-  }
-  layers { embed; bst; bst; norm rms; head tied }
-}
-"""
 
 
 def test_greedy_generation_follows_full_forward_argmax():
