@@ -2,20 +2,22 @@
 
 The protocol, for the op modules that support it:
 
-    cache = module.init_cache(batch, dtype)
+    cache = module.init_cache(batch, dtype, length)            # length: tokens to be decoded
     cache, y_t = module.decode(cache, x_t, t, context=c_t)     # x_t (B, D), t the position
 
 where `c_t` is the context source's output at the same token (a context edge), and `y_t` equals
 row t of `module(x)` for a causal module. Position-wise layers (MLP, norms, dropout) get it from
-`bstc.ops._common.Positionwise`; `s4d` steps its recurrence (x_t = dA·x_{t−1} + dB·u_t);
-`long_conv` convolves a history of its kernel's length; `block_attention` keeps the current
-block's keys/values and context. Each costs O(1) per token in the sequence length — the
-parallel forward pass costs O(L) per token — and the Block-State Transformer has no length
-limit: its SSM state and its within-block positions carry on past `seq_len`.
+`bstc.ops._common.Positionwise`; `s4d` and `gss` step the S4D recurrence
+(x_t = dA·x_{t−1} + dB·u_t); `long_conv` convolves a history of its kernel's length;
+`block_attention` keeps the current block's keys/values and context; sliding and
+Transformer-XL attention keep the last 2W / M + W keys in a ring; the BRT keeps its state and
+updates it when a block ends. All of these cost O(1) per token in the length of the history
+(the parallel forward pass costs O(L) per token) and have no length limit. Only
+`full_attention` keeps every key (`length` of them): O(t) per token.
 
-A model with a layer that has no `decode` (full, sliding, Transformer-XL attention, BRT, GSS)
-is not decodable here; `bstc sample` then recomputes the forward pass over a sliding window
-(see `bstc.runtime.sampling`). `decodable(model)` says which.
+A model with a layer that has no `decode` (a new layer kind, until it gets one) is not
+decodable; `bstc sample` then recomputes the forward pass over a sliding window (see
+`bstc.runtime.sampling`). `decodable(model)` says which layers lack it.
 
 Scanned stacks keep stacked caches and run their step under `lax.scan`, like the forward pass.
 """
@@ -52,9 +54,9 @@ def decodable(model: LoweredModel) -> tuple[bool, str]:
 # ---- caches ----------------------------------------------------------------------------------
 
 
-def _block_cache(block: Block, batch: int, dtype) -> tuple:
-    return tuple((sub.norm.init_cache(batch, dtype) if sub.norm is not None else None,
-                  sub.op.init_cache(batch, dtype)) for sub in block.subs)
+def _block_cache(block: Block, batch: int, dtype, length: int | None) -> tuple:
+    return tuple((sub.norm.init_cache(batch, dtype, length) if sub.norm is not None else None,
+                  sub.op.init_cache(batch, dtype, length)) for sub in block.subs)
 
 
 def _unstacked(tree):
@@ -62,18 +64,19 @@ def _unstacked(tree):
     return jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, tree)
 
 
-def init_caches(model: LoweredModel, batch: int) -> tuple:
-    """One cache per stage (a stacked one for a scanned stage, one per occurrence of a shared block)."""
+def init_caches(model: LoweredModel, batch: int, length: int | None = None) -> tuple:
+    """One cache per stage (a stacked one for a scanned stage, one per occurrence of a shared
+    block). `length`: how many tokens will be decoded (full attention caches that many)."""
     dt = _DTYPES[model.dtype]
     out = []
     for stage in model.stages:
         if isinstance(stage, Scanned):
-            unit = tuple(_block_cache(_unstacked(b), batch, dt) for b in stage.unit)
+            unit = tuple(_block_cache(_unstacked(b), batch, dt, length) for b in stage.unit)
             out.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (stage.count,) + a.shape), unit))
         elif isinstance(stage, SharedRef):
-            out.append(_block_cache(model.shared[stage.group], batch, dt))
+            out.append(_block_cache(model.shared[stage.group], batch, dt, length))
         else:
-            out.append(_block_cache(stage.block, batch, dt))
+            out.append(_block_cache(stage.block, batch, dt, length))
     return tuple(out)
 
 
@@ -135,7 +138,7 @@ def step(model: LoweredModel, caches: tuple, tokens: Int[Array, "B"], t) -> tupl
 def decode_logits(model: LoweredModel, tokens: Int[Array, "B T"]) -> Float[Array, "B T V"]:
     """Logits of every position, token by token through the caches: equals `model(tokens)`
     (the parallel forward) for a causal model — the test oracle of every decode step."""
-    caches = init_caches(model, tokens.shape[0])
+    caches = init_caches(model, tokens.shape[0], tokens.shape[1])
 
     def body(carry, tok_t):
         caches, t = carry

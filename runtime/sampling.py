@@ -53,7 +53,7 @@ def generate_cached(model, prompt, n_tokens: int, key, temperature, n_bytes: int
         caches, logits = decode.step(model, caches, tok[None], t)
         return (caches, t + 1, logits[0]), None
 
-    caches = decode.init_caches(model, 1)
+    caches = decode.init_caches(model, 1, prompt.shape[0] + n_tokens)
     _, first = jax.eval_shape(lambda: decode.step(model, caches, prompt[:1], 0))
     carry, _ = jax.lax.scan(feed, (caches, jnp.int32(0), jnp.zeros(first.shape[1:], jnp.float32)), prompt)
 

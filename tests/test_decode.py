@@ -1,6 +1,7 @@
 """Cached decoding (bstc/decode.py): token-by-token logits through the per-layer caches equal
-the parallel forward pass, for every decodable zoo model, past seq_len, and for the sublayer
-arrangements the language allows (post-norm, shared weights, dropout, long_conv, MF/MH context)."""
+the parallel forward pass, for every zoo model past seq_len, for every baseline layer kind, and
+for the sublayer arrangements the language allows (post-norm, shared weights, dropout,
+long_conv, MF/MH context)."""
 from __future__ import annotations
 
 import equinox as eqx
@@ -14,10 +15,6 @@ from bstc import decode
 from bstc.runtime.sampling import generate
 from conftest import SMALL_BST as SMALL, tiny_overrides, zoo_paths
 
-BST_VARIANTS = {"bst_sh_s4.bst", "bst_mh_s4.bst", "bst_mf_s4.bst", "bst_sh_unstructured.bst",
-                "bst_mf_unstructured.bst", "bst_sh_s4.yaml"}
-
-
 def assert_decode_equals_forward(model, length: int, batch: int = 2, seed: int = 1):
     tokens = jax.random.randint(jax.random.key(seed), (batch, length), 0, 256)
     ref = np.asarray(model(tokens))
@@ -28,16 +25,46 @@ def assert_decode_equals_forward(model, length: int, batch: int = 2, seed: int =
 
 @pytest.mark.parametrize("path", zoo_paths(), ids=lambda p: p.name)
 def test_zoo_decodes_like_the_forward_pass_past_seq_len(path):
-    """Every BST variant decodes through caches, twice as far as it was built for; the
-    baselines without a decode step say so (and are sampled by recomputation)."""
+    """Every zoo model decodes through caches, twice as far as it was built for (full
+    attention's cache holds the whole history; the others keep a fixed-size state)."""
     o = tiny_overrides(path)
     model = bstc.load(path, key=jax.random.key(0), overrides=o)
-    ok, missing = decode.decodable(model)
-    assert ok == (path.name in BST_VARIANTS), (path.name, missing)
-    if ok:
-        assert_decode_equals_forward(model, 2 * o["seq_len"])
+    assert decode.decodable(model) == (True, "")
+    assert_decode_equals_forward(model, 2 * o["seq_len"])
+
+
+BASELINES = """
+model baselines {
+  vocab = 256; d_model = 32; heads = 4; window = 8; seq_len = 32
+  block full  { attn = full_attention(rope: false) }
+  block slide { attn = sliding_attention(window: window) }
+  block xl    { attn = xl_attention(window: window, memory: 12) }
+  block rec   { rec = brt(window: window, state: 4, gate: lstm, skip: false, hidden: 48, norm: none) }
+  block gated { ssm = gss(state: 8, expand: 2) }
+  layers { embed; full; slide; xl; rec; gated; norm rms; head untied }
+}
+"""
+
+
+def _with_random_relative_bias(model):
+    """Transformer-XL's relative position biases start at zero: make them matter."""
+    from bstc.ops.xl_attention import XLAttention
+
+    is_xl = lambda m: isinstance(m, XLAttention)  # noqa: E731
+    return jax.tree.map(lambda m: eqx.tree_at(lambda x: x.rel_bias, m, jax.random.normal(
+        jax.random.key(9), m.rel_bias.shape)) if is_xl(m) else m, model, is_leaf=is_xl)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_baseline_layers_decode_like_the_forward_pass(dtype):
+    """Full attention without positions, sliding, Transformer-XL with a memory longer than a
+    block (and non-zero relative biases), an LSTM-gated BRT with its state MLP, and GSS."""
+    text = BASELINES.replace("seq_len = 32", f"seq_len = 32; dtype = {dtype}")
+    model = _with_random_relative_bias(bstc.load(text, key=jax.random.key(2)))
+    if dtype == "float32":
+        assert_decode_equals_forward(model, 64)
     else:
-        assert missing
+        assert_close_in_bf16(model, 64)
 
 
 ARRANGEMENTS = """
@@ -80,14 +107,17 @@ def test_post_norm_shared_scanned_and_every_context_variant_decode_like_the_forw
     assert_decode_equals_forward(model, 96, batch=3)
 
 
-def test_bfloat16_compute_decodes_close_to_the_forward_pass():
-    text = ARRANGEMENTS.replace("seq_len = 32", "seq_len = 32; dtype = bfloat16")
-    model = bstc.load(text, key=jax.random.key(3))
-    tokens = jax.random.randint(jax.random.key(2), (2, 32), 0, 256)
+def assert_close_in_bf16(model, length: int):
+    tokens = jax.random.randint(jax.random.key(2), (2, length), 0, 256)
     ref, got = np.asarray(model(tokens)), np.asarray(decode.decode_logits(model, tokens))
     # bf16 rounds differently token by token than in the batched forward: compare predictions
     assert np.mean(ref.argmax(-1) == got.argmax(-1)) > 0.9
     assert np.abs(got - ref).max() < 0.1 * np.abs(ref).max()
+
+
+def test_bfloat16_compute_decodes_close_to_the_forward_pass():
+    assert_close_in_bf16(bstc.load(ARRANGEMENTS.replace("seq_len = 32", "seq_len = 32; dtype = bfloat16"),
+                                   key=jax.random.key(3)), 32)
 
 
 def test_decoding_is_causal_state_carries_the_past():
@@ -124,13 +154,22 @@ def test_cached_and_recomputed_sampling_agree_within_seq_len():
         assert a == b
 
 
+class NoDecode(eqx.Module):
+    """A layer written without a decode step (as a new layer kind may be)."""
+
+    inner: eqx.Module
+
+    def __call__(self, x, *, context=None, key=None):
+        return self.inner(x, context=context, key=key)
+
+
 def test_a_model_without_decode_steps_falls_back_to_recomputation():
-    path = next(p for p in zoo_paths() if p.name == "transformer.bst")
-    model = bstc.load(path, key=jax.random.key(0), overrides=tiny_overrides(path))
-    assert decode.decodable(model) == (False, "FullAttention")
-    with pytest.raises(ValueError, match="FullAttention"):
-        generate(model, b"x", 3, seq_len=64, vocab=256, cache=True)
-    assert len(generate(model, b"x", 3, seq_len=64, vocab=256)) == 3
+    model = bstc.load(SMALL, key=jax.random.key(0))
+    model = eqx.tree_at(lambda m: m.stages[0].unit[0].subs[2].op, model, replace_fn=NoDecode)
+    assert decode.decodable(model) == (False, "NoDecode")
+    with pytest.raises(ValueError, match="NoDecode"):
+        generate(model, b"x", 3, seq_len=32, vocab=256, cache=True)
+    assert len(generate(model, b"x", 3, seq_len=32, vocab=256)) == 3
 
 
 def test_the_python_example_in_docs_runtime_runs():

@@ -102,7 +102,7 @@ def test_flops_match_xla_cost_analysis(case):
     assert mine == pytest.approx(cost["flops"], rel=0.05)
 
 
-@pytest.mark.parametrize("case", ["full", "sliding", "xl"])
+@pytest.mark.parametrize("case", ["full", "sliding", "xl", "brt_fixed_skip"])
 def test_dropout_only_with_a_key(case):
     kind, given = CASES[case]
     args = full_args(kind, {**given, "dropout": 0.5})

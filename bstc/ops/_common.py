@@ -69,9 +69,9 @@ def fused_heads(x: Float[Array, "*b D"], w: Float[Array, "D p E"], heads: int) -
 class Positionwise:
     """Mixin for layers that treat every position alone (MLP, norms, dropout): decoding one token
     is the layer applied to it, with no cache. See bstc/decode.py for the decoding protocol:
-    `init_cache(batch, dtype)` and `decode(cache, x_t, t, *, context=None) -> (cache, y_t)`."""
+    `init_cache(batch, dtype, length)` and `decode(cache, x_t, t, *, context=None) -> (cache, y_t)`."""
 
-    def init_cache(self, batch: int, dtype):
+    def init_cache(self, batch: int, dtype, length: int | None = None):
         return None
 
     def decode(self, cache, x_t: Float[Array, "B D"], t, *, context=None):

@@ -102,7 +102,7 @@ class BlockAttentionLayer(eqx.Module):
     # W), the projected context of the current block, and the context source's outputs over the
     # current block (they become the next block's context). O((S + W)·D + D²) per token, and no
     # limit on the length: positions are taken within the block.
-    def init_cache(self, batch: int, dtype) -> dict:
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         W, H, D = self.window, self.heads, self._d()
         kv = jnp.zeros((batch, W, H, D // H), dtype)
         cache = {"k": kv, "v": kv}
@@ -135,7 +135,7 @@ class BlockAttentionLayer(eqx.Module):
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
         B, D = x_t.shape
-        W, H = self.window, self.heads
+        W = self.window
         p = t % W
         q, k, v = (self._proj(x_t[:, None], w)[:, 0] for w in (self.wq, self.wk, self.wv))  # (B, H, dh)
         if self.rope:

@@ -39,7 +39,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops._common import (GELU_FLOPS, RMS_FLOPS, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window,
-                              dense_init, fused_heads, fused_init, heads_of, merge_heads, rms_norm)
+                              dense_init, dropout, fused_heads, fused_init, heads_of, merge_heads, rms_norm)
 from bstc.ops.sliding_attention import sliding_mask, with_previous_block
 
 GATES = ("fixed", "lstm")
@@ -142,6 +142,7 @@ class BlockRecurrent(eqx.Module):
     # program stays one loop body whatever L/W is. On: what XLA's cost analysis needs to see every
     # block (it counts a loop body once); tests flip it with dataclasses.replace.
     unroll: bool = eqx.field(static=True, default=False)
+    rate: float = eqx.field(static=True, default=0.0)  # dropout on the attention and MLP outputs
 
     # -- the sequential part: one block's state update --------------------------------------------
     def state_kv(self, s: Float[Array, "B S D"]):
@@ -174,13 +175,16 @@ class BlockRecurrent(eqx.Module):
         # and the state has no position on the token axis.
         return apply_rope(q, positions), apply_rope(k, positions), k, v, q2
 
-    def finish(self, x: Float[Array, "*b D"], a_self: Array, a_cross: Array) -> Float[Array, "*b D"]:
-        """Project [self; cross] attention, add to the residual, then the MLP; return the increment."""
-        a = project_parts([a_self, a_cross], self.w_o, x.dtype)
+    def finish(self, x: Float[Array, "*b D"], a_self: Array, a_cross: Array, key: PRNGKeyArray | None = None
+               ) -> Float[Array, "*b D"]:
+        """Project [self; cross] attention, add to the residual, then the MLP; return the increment.
+        With a key, dropout on the attention output and on the MLP output (meliad's placement)."""
+        k_attn, k_mlp = jax.random.split(key) if key is not None else (None, None)
+        a = dropout(project_parts([a_self, a_cross], self.w_o, x.dtype), self.rate, k_attn)
         h = rms_norm(x + a, self.norm2)
         m = jax.nn.gelu(h @ self.mlp_w1.astype(x.dtype) + self.mlp_b1.astype(x.dtype))
         m = m @ self.mlp_w2.astype(x.dtype) + self.mlp_b2.astype(x.dtype)
-        return a + m
+        return a + dropout(m, self.rate, k_mlp)
 
     def initial_state(self, batch: int, dtype) -> Float[Array, "B S D"]:
         return jnp.broadcast_to(self.init_state.astype(dtype), (batch, *self.init_state.shape))
@@ -208,7 +212,35 @@ class BlockRecurrent(eqx.Module):
         a_self = attend(q, with_previous_block(k), with_previous_block(v), sliding_mask(nb, W))
         a_cross = attend(q2, rk, rv, jnp.ones((1, 1), bool))  # (B, nb, W, H, dh)
         merge = lambda t: t.reshape(B, L, *t.shape[3:])  # noqa: E731
-        return self.finish(x, merge(a_self), merge(a_cross))
+        return self.finish(x, merge(a_self), merge(a_cross), key=key)
+
+    # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
+    # The last 2W token keys/values (a ring, for the sliding self-attention), the current block's
+    # unrotated keys and values (the state reads them when the block ends), the state, and the
+    # keys/values of the state entering the current block.
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
+        W, H, (S, D) = self.window, self.heads, self.init_state.shape
+        kv = lambda n: jnp.zeros((batch, n, H, D // H), dtype)  # noqa: E731
+        return {"k": kv(2 * W), "v": kv(2 * W), "pos": jnp.full((2 * W,), -1, jnp.int32),
+                "k_blk": kv(W), "v_blk": kv(W), "state": self.initial_state(batch, dtype), "rk": kv(S), "rv": kv(S)}
+
+    def decode(self, c: dict, x_t: Float[Array, "B D"], t, *, context=None):
+        from bstc.ops._attention import attend
+
+        W = self.window
+        p, slot = t % W, t % (2 * W)
+        q, k, k_raw, v, q2 = (a[:, 0] for a in self.token_qkv(x_t[:, None], t[None]))  # (B, H, dh)
+        # A new block starts: its tokens read the state that enters it.
+        rk, rv = jax.lax.cond(p == 0, lambda c: tuple(self.state_kv(c["state"])[1:3]), lambda c: (c["rk"], c["rv"]), c)
+        c = {**c, "k": c["k"].at[:, slot].set(k), "v": c["v"].at[:, slot].set(v), "pos": c["pos"].at[slot].set(t),
+             "k_blk": c["k_blk"].at[:, p].set(k_raw), "v_blk": c["v_blk"].at[:, p].set(v), "rk": rk, "rv": rv}
+        visible = (c["pos"] >= 0) & (c["pos"] >= (t // W - 1) * W) & (c["pos"] <= t)  # blocks k−1, k up to t
+        a_self = attend(q[:, None], c["k"], c["v"], visible[None])[:, 0]
+        a_cross = attend(q2[:, None], rk, rv, jnp.ones((1, 1), bool))[:, 0]
+        # The block is complete: the state reads it (the sequential step of the forward pass).
+        state = jax.lax.cond(p == W - 1, lambda c: self.state_step(c["state"], c["k_blk"], c["v_blk"])[0],
+                             lambda c: c["state"], c)
+        return {**c, "state": state}, self.finish(x_t, a_self, a_cross)
 
     def call_unrolled(self, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
         """The same layer as a Python loop over blocks, each block computed on its own (the test oracle)."""
@@ -247,6 +279,7 @@ class BlockRecurrentOp(Op):
         Param("gate", str, "fixed", choices=GATES, doc="state update gate: fixed (learned bias) or lstm"),
         Param("skip", bool, True, doc="no MLP on the state path (the paper's 'skip' configuration)"),
         Param("hidden", int, 0, min=0, doc="token-path MLP width (0 = 4·d_model); also the state MLP's"),
+        Param("dropout", float, 0.0, min=0.0, max=0.99, doc="dropout on the token path's attention and MLP outputs"),
     )
     doc = ("Block-Recurrent Transformer layer: sliding-window attention plus cross-attention to a recurrent "
            "state of S vectors, updated once per block by a gated attention step scanned over the blocks.")
@@ -311,4 +344,4 @@ class BlockRecurrentOp(Op):
             init_state=0.1 * jax.random.normal(ks[4], (S, D)), state_pos=jax.random.normal(ks[5], (S, D)),
             norm_s=ones(), s_qkvq=fused_init(ks[6], D, 4, D), s_o=dense_init(ks[7], 2 * D, D).reshape(2, D, D),
             gate=Gate.make(gate_kind, 2 * D, D, ks[11]), state_mlp=state_mlp,
-            heads=heads_of(args, dims), window=W)
+            heads=heads_of(args, dims), window=W, rate=float(args.get("dropout", 0.0)))

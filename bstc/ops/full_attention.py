@@ -42,6 +42,25 @@ class FullAttention(eqx.Module):
         y = merge_heads(y).astype(x.dtype) @ self.w_o.astype(x.dtype)
         return dropout(y, self.rate, key)
 
+    # ---- the decoding protocol (bstc/decode.py): a key/value cache of `length` positions ----
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
+        if length is None:
+            raise ValueError("full_attention decodes into a cache of a given length: pass length")
+        D = self.w_o.shape[0]
+        kv = jnp.zeros((batch, length, self.heads, D // self.heads), dtype)
+        return {"k": kv, "v": kv}
+
+    def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
+        from bstc.ops._attention import apply_rope, attend
+
+        q, k, v = (a[:, None] for a in fused_heads(x_t, self.w_qkv, self.heads))  # (B, 1, H, dh)
+        if self.rope:
+            q, k = apply_rope(q, t[None]), apply_rope(k, t[None])
+        cache = {"k": cache["k"].at[:, t].set(k[:, 0]), "v": cache["v"].at[:, t].set(v[:, 0])}
+        visible = jnp.arange(cache["k"].shape[1]) <= t  # O(length) per token: the growing past
+        y = attend(q, cache["k"], cache["v"], visible[None])[:, 0]
+        return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
+
 
 @register
 class FullAttentionOp(Op):

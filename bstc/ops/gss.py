@@ -21,7 +21,7 @@ import math
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Complex, Float, PRNGKeyArray
 
 from bstc.ops import _ssm
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, fft_len, register
@@ -67,6 +67,19 @@ class GatedStateSpace(eqx.Module):
         y = _ssm.causal_fft_conv(u, k) + self.D.astype(jnp.float32) * u.astype(jnp.float32)  # (B, L, Hs) f32
         uc = y.astype(dt) @ self.w_uc.astype(dt) + self.b_uc.astype(dt)  # (B, L, F)
         return (uc * v) @ self.w_o.astype(dt) + self.b_o.astype(dt)
+
+    # ---- the decoding protocol (bstc/decode.py): the S4D recurrence in place of the FFT ----
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> Complex[Array, "B Hs N2"]:
+        return jnp.zeros((batch,) + self.log_A_re.shape, jnp.complex64)
+
+    def decode(self, cache, x_t: Float[Array, "B D"], t, *, context=None):
+        dt = x_t.dtype
+        v = jax.nn.gelu(x_t @ self.w_v.astype(dt) + self.b_v.astype(dt))  # (B, F)
+        u = jax.nn.gelu(x_t @ self.w_u.astype(dt) + self.b_u.astype(dt))  # (B, Hs)
+        rec = _ssm.S4DRecurrence.from_params(self.log_dt, self.log_A_re, self.A_im, self.C, self.D[None])
+        cache, y = rec.step(cache, u)  # y (B, 1, Hs) float32, skip included
+        uc = y[:, 0].astype(dt) @ self.w_uc.astype(dt) + self.b_uc.astype(dt)
+        return cache, (uc * v) @ self.w_o.astype(dt) + self.b_o.astype(dt)
 
 
 @register

@@ -71,7 +71,7 @@ class LongConvLayer(eqx.Module):
     dropout: float = eqx.field(static=True)
 
     # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
-    def init_cache(self, batch: int, dtype) -> Float[Array, "B Lk H"]:
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> Float[Array, "B Lk H"]:
         """The last Lk inputs, newest first (the kernel reaches no further back)."""
         return jnp.zeros((batch, self.kernel.weight.shape[-1], self.w_out.shape[0]), jnp.float32)
 

@@ -47,7 +47,7 @@ class S4DLayer(eqx.Module):
         return _ssm.S4DRecurrence.from_params(self.log_dt, self.log_A_re, self.A_im, self.C, self.D)
 
     # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
-    def init_cache(self, batch: int, dtype) -> Complex[Array, "B H N2"]:
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> Complex[Array, "B H N2"]:
         return self.init_state(batch)
 
     def decode(self, cache, x_t: Float[Array, "B H"], t, *, context=None):

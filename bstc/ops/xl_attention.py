@@ -36,13 +36,14 @@ def memory_of(args, dims: Dims) -> int:
     return m if m > 0 else int(args["window"])
 
 
-def t5_buckets(distance: np.ndarray, num_buckets: int, max_distance: int) -> np.ndarray:
-    """Causal T5 bucketing of a distance q − k ≥ 0: exact below num_buckets/2, then log-spaced."""
-    n = np.maximum(distance, 0)
+def t5_buckets(distance: np.ndarray, num_buckets: int, max_distance: int, xp=np) -> np.ndarray:
+    """Causal T5 bucketing of a distance q − k ≥ 0: exact below num_buckets/2, then log-spaced.
+    xp: numpy for the static layout of the forward pass, jax.numpy for a traced decode position."""
+    n = xp.maximum(distance, 0)
     exact = num_buckets // 2
-    large = exact + (np.log(np.maximum(n, 1) / exact) / math.log(max(max_distance, exact + 1) / exact)
-                     * (num_buckets - exact)).astype(np.int64)
-    return np.where(n < exact, n, np.minimum(large, num_buckets - 1))
+    large = exact + (xp.log(xp.maximum(n, 1) / exact) / math.log(max(max_distance, exact + 1) / exact)
+                     * (num_buckets - exact)).astype(xp.int32)
+    return xp.where(n < exact, n, xp.minimum(large, num_buckets - 1))
 
 
 def xl_layout(window: int, memory: int, n_blocks: int):
@@ -100,6 +101,27 @@ class XLAttention(eqx.Module):
         y = attend_with_bias(q, k, v, mask, bias)  # (B, nb, W, H, dh)
         y = merge_heads(y.reshape(B, L, H, -1)).astype(x.dtype) @ self.w_o.astype(x.dtype)
         return dropout(y, self.rate, key)
+
+    # ---- the decoding protocol (bstc/decode.py): the last M + W keys/values, in a ring ----
+    def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
+        D, n = self.w_o.shape[0], self.memory + self.window
+        kv = jnp.zeros((batch, n, self.heads, D // self.heads), dtype)
+        return {"k": kv, "v": kv, "pos": jnp.full((n,), -1, jnp.int32)}  # pos −1: empty slot
+
+    def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
+        W, M, H = self.window, self.memory, self.heads
+        q = split_heads(x_t @ self.w_q.astype(x_t.dtype), H)[:, None]  # (B, 1, H, dh)
+        k, v = fused_heads(x_t, self.w_kv, H)
+        slot = t % (M + W)
+        cache = {"k": cache["k"].at[:, slot].set(k), "v": cache["v"].at[:, slot].set(v),
+                 "pos": cache["pos"].at[slot].set(t)}
+        pos = cache["pos"]
+        # the M tokens before the current block, and the block up to t
+        visible = (pos >= 0) & (pos >= (t // W) * W - M) & (pos <= t)
+        buckets = t5_buckets(t - pos, NUM_BUCKETS, M + W - 1, xp=jnp)
+        bias = jnp.transpose(self.rel_bias.astype(jnp.float32)[buckets])[:, None, :]  # (H, 1, M + W)
+        y = attend_with_bias(q, cache["k"], cache["v"], visible[None], bias)[:, 0]
+        return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
 
 
 @register
