@@ -104,9 +104,11 @@ def test_bench_decode_compares_cached_and_recomputed_sampling(tmp_path):
     assert set(d["s_per_token"]) == {"cached", "recompute"} and all(v > 0 for v in d["s_per_token"].values())
     assert d["speedup"] == pytest.approx(d["s_per_token"]["recompute"] / d["s_per_token"]["cached"])
     assert d["seq_len"] == tiny_overrides(path)["seq_len"] and len(d["raw"]["cached"]) == 1
-    # a model with layers that have no decode step: a one-line error, not a traceback
-    r = CliRunner().invoke(app, ["bench", "decode", "transformer", "--set", "d_model=32", "--tokens", "2"])
-    assert r.exit_code == 2 and "FullAttention" in r.output and "Traceback" not in r.output
+    # mistakes: one-line errors, not tracebacks
+    r = CliRunner().invoke(app, ["bench", "decode", "no_such_model"])
+    assert r.exit_code == 2 and "no_such_model" in r.output
+    r = CliRunner().invoke(app, ["bench", "decode", str(path), "--set", "d_modle=32", "--tokens", "2"])
+    assert r.exit_code == 1 and "did you mean 'd_model'" in r.output and "Traceback" not in r.output
 
 
 def _unroll_recurrences(model):
