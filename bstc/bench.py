@@ -568,10 +568,11 @@ def run_decode(model: str, overrides: dict, tokens: int, repeats: int) -> dict:
 
     import bstc
     from bstc import decode
+    from bstc.lower import lower
     from bstc.runtime.sampling import generate
 
     m = bstc.parse(model, overrides=overrides)
-    net = bstc.load(model, key=jax.random.key(0), overrides=overrides)
+    net = lower(m, key=jax.random.key(0))
     ok, missing = decode.decodable(net)
     if not ok:
         raise ValueError(f"{m.name} has layers without a decode step ({missing}): nothing to compare")

@@ -54,8 +54,8 @@ def generate_cached(model, prompt, n_tokens: int, key, temperature, n_bytes: int
         return (caches, t + 1, logits[0]), None
 
     caches = decode.init_caches(model, 1, prompt.shape[0] + n_tokens)
-    _, first = jax.eval_shape(lambda: decode.step(model, caches, prompt[:1], 0))
-    carry, _ = jax.lax.scan(feed, (caches, jnp.int32(0), jnp.zeros(first.shape[1:], jnp.float32)), prompt)
+    no_logits = jnp.zeros((model.embed.weight.shape[0],), jnp.float32)  # (vocab,): replaced by the prompt's
+    carry, _ = jax.lax.scan(feed, (caches, jnp.int32(0), no_logits), prompt)
 
     def sample_one(carry, i):
         tok = choose(carry[2], jax.random.fold_in(key, i), temperature, n_bytes)

@@ -61,3 +61,25 @@ def apply_rope(x: Float[Array, "... T H dh"], positions) -> Float[Array, "... T 
     if 2 * half < dh:
         rot = jnp.concatenate([rot, x[..., 2 * half:].astype(jnp.float32)], axis=-1)
     return rot.astype(x.dtype)
+
+
+# ---- key/value rings for decoding (sliding, Transformer-XL and BRT attention) -------------------
+
+
+def ring_cache(batch: int, slots: int, heads: int, dh: int, dtype) -> dict:
+    """The keys and values of the last `slots` tokens; pos −1 marks an empty slot."""
+    kv = jnp.zeros((batch, slots, heads, dh), dtype)
+    return {"k": kv, "v": kv, "pos": jnp.full((slots,), -1, jnp.int32)}
+
+
+def ring_push(cache: dict, k: Float[Array, "B H dh"], v: Float[Array, "B H dh"], t) -> dict:
+    """Token t's key and value into slot t mod slots (other entries of `cache` are kept)."""
+    slot = t % cache["pos"].shape[0]
+    return {**cache, "k": cache["k"].at[:, slot].set(k), "v": cache["v"].at[:, slot].set(v),
+            "pos": cache["pos"].at[slot].set(t)}
+
+
+def ring_visible(cache: dict, first, t) -> Bool[Array, "slots"]:
+    """The slots holding positions first..t."""
+    pos = cache["pos"]
+    return (pos >= 0) & (pos >= first) & (pos <= t)

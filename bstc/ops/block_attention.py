@@ -49,19 +49,33 @@ class BlockAttentionLayer(eqx.Module):
         B, L, D = x.shape
         return (x @ w.astype(x.dtype)).reshape(B, L, self.heads, D // self.heads)
 
+    def first_context(self, dtype):
+        """Block 0's context (learned, or zeros): (S, D), or for mh (W, H, D), each head its copy."""
+        first = self.ctx_first if self.ctx_first is not None else jnp.zeros((self.n_context, self._d()), dtype)
+        first = first.astype(dtype)
+        if self.variant == "mh":
+            return jnp.broadcast_to(first[:, None, :], (self.window, self.heads, first.shape[-1]))
+        return first
+
+    def project_context(self, c, dtype):
+        """Context keys and values (..., S, H, dh) from context vectors (..., S, D) shared by the
+        heads, or for mh (..., W, H, D), each head projecting its own filter's vectors."""
+        D, H = self._d(), self.heads
+        if self.variant == "mh":
+            wk, wv = (w.astype(dtype).reshape(D, H, D // H) for w in (self.wk, self.wv))
+            return jnp.einsum("...whd,dhe->...whe", c, wk), jnp.einsum("...whd,dhe->...whe", c, wv)
+        return tuple((c @ w.astype(dtype)).reshape(*c.shape[:-1], H, D // H) for w in (self.wk, self.wv))
+
     def context_vectors(self, y, B: int, nb: int, dtype):
         """The context set of every block, before projection: (B, nb, S, D) or, for mh, (B, nb, W, H, D)."""
         W = self.window
-        first = self.ctx_first if self.ctx_first is not None else jnp.zeros((self.n_context, self._d()), dtype)
-        first = first.astype(dtype)
+        first = self.first_context(dtype)
         if self.variant == "sh":
             prev = y.reshape(B, nb, W, -1)[:, :-1]  # block k−1 for k ≥ 1
             return jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), prev.astype(dtype)], axis=1)
         if self.variant == "mh":
-            H = self.heads
-            prev = y.reshape(B, nb, W, H, -1)[:, :-1]
-            first_h = jnp.broadcast_to(first[:, None, :], (W, H, first.shape[-1]))
-            return jnp.concatenate([jnp.broadcast_to(first_h, (B, 1) + first_h.shape), prev.astype(dtype)], axis=1)
+            prev = y.reshape(B, nb, W, self.heads, -1)[:, :-1]
+            return jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), prev.astype(dtype)], axis=1)
         if self.variant == "mf":
             last = y[:, W - 1::W][:, :-1]  # (B, nb−1, S, D): last output before blocks 1..nb−1
             ctx = jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), last.astype(dtype)], axis=1)
@@ -73,8 +87,7 @@ class BlockAttentionLayer(eqx.Module):
 
     def __call__(self, x: Float[Array, "B L D"], *, context=None, key=None) -> Float[Array, "B L D"]:
         B, L, D = x.shape
-        W, H = self.window, self.heads
-        dh, nb = D // H, L // W
+        W, nb = self.window, L // self.window
         q, k, v = self._proj(x, self.wq), self._proj(x, self.wk), self._proj(x, self.wv)
         if self.rope:
             pos = jnp.arange(L) % W  # position within the block (see the module docstring)
@@ -83,19 +96,10 @@ class BlockAttentionLayer(eqx.Module):
         if self.variant is not None:
             if context is None:
                 raise ValueError("this block_attention expects a context (its edge's source output)")
-            c = self.context_vectors(context, B, nb, x.dtype)
-            if self.variant == "mh":  # (B, nb, W, H, D): each head projects its own filter's states
-                wk = self.wk.astype(x.dtype).reshape(D, H, dh)
-                wv = self.wv.astype(x.dtype).reshape(D, H, dh)
-                ck = jnp.einsum("bnwhd,dhe->bnwhe", c, wk)
-                cv = jnp.einsum("bnwhd,dhe->bnwhe", c, wv)
-            else:  # (B, nb, S, D) shared by all heads
-                ck = (c @ self.wk.astype(x.dtype)).reshape(B, nb, c.shape[2], H, dh)
-                cv = (c @ self.wv.astype(x.dtype)).reshape(B, nb, c.shape[2], H, dh)
+            ck, cv = self.project_context(self.context_vectors(context, B, nb, x.dtype), x.dtype)
         o = blockwise_attention(q, k, v, W, ck, cv).reshape(B, L, D)
         o = o @ self.wo.astype(x.dtype)
         return dropout(o, self.dropout, key)
-
 
     # ---- the decoding protocol (bstc/decode.py) ------------------------------------------------
     # One token at a time: the keys/values of the current block so far (W slots, position t mod
@@ -116,22 +120,10 @@ class BlockAttentionLayer(eqx.Module):
     def _block_context(self, src, k_block, dtype):
         """Projected context keys/values of block k_block from the source's outputs over the
         block before it (`src`): the decoding twin of `context_vectors`."""
-        B, W, H = src.shape[0], self.window, self.heads
-        D = self._d()
-        first = self.ctx_first if self.ctx_first is not None else jnp.zeros((self.n_context, D), dtype)
-        first = first.astype(dtype)
-        if self.variant == "mh":
-            first = jnp.broadcast_to(first[:, None, :], (W, H, D))
-        c = jnp.where(k_block == 0, jnp.broadcast_to(first, src.shape), src)
+        c = jnp.where(k_block == 0, jnp.broadcast_to(self.first_context(dtype), src.shape), src)
         if self.variant == "mf":
             c = c + self.ctx_ids.astype(dtype)[None]
-        if self.variant == "mh":
-            wk = self.wk.astype(dtype).reshape(D, H, D // H)
-            wv = self.wv.astype(dtype).reshape(D, H, D // H)
-            return jnp.einsum("bwhd,dhe->bwhe", c, wk), jnp.einsum("bwhd,dhe->bwhe", c, wv)
-        S = c.shape[1]
-        return ((c @ self.wk.astype(dtype)).reshape(B, S, H, D // H),
-                (c @ self.wv.astype(dtype)).reshape(B, S, H, D // H))
+        return self.project_context(c, dtype)
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
         B, D = x_t.shape

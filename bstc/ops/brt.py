@@ -219,22 +219,24 @@ class BlockRecurrent(eqx.Module):
     # unrotated keys and values (the state reads them when the block ends), the state, and the
     # keys/values of the state entering the current block.
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
+        from bstc.ops._attention import ring_cache
+
         W, H, (S, D) = self.window, self.heads, self.init_state.shape
         kv = lambda n: jnp.zeros((batch, n, H, D // H), dtype)  # noqa: E731
-        return {"k": kv(2 * W), "v": kv(2 * W), "pos": jnp.full((2 * W,), -1, jnp.int32),
-                "k_blk": kv(W), "v_blk": kv(W), "state": self.initial_state(batch, dtype), "rk": kv(S), "rv": kv(S)}
+        return {**ring_cache(batch, 2 * W, H, D // H, dtype), "k_blk": kv(W), "v_blk": kv(W),
+                "state": self.initial_state(batch, dtype), "rk": kv(S), "rv": kv(S)}
 
     def decode(self, c: dict, x_t: Float[Array, "B D"], t, *, context=None):
-        from bstc.ops._attention import attend
+        from bstc.ops._attention import attend, ring_push, ring_visible
 
         W = self.window
-        p, slot = t % W, t % (2 * W)
+        p = t % W
         q, k, k_raw, v, q2 = (a[:, 0] for a in self.token_qkv(x_t[:, None], t[None]))  # (B, H, dh)
         # A new block starts: its tokens read the state that enters it.
         rk, rv = jax.lax.cond(p == 0, lambda c: tuple(self.state_kv(c["state"])[1:3]), lambda c: (c["rk"], c["rv"]), c)
-        c = {**c, "k": c["k"].at[:, slot].set(k), "v": c["v"].at[:, slot].set(v), "pos": c["pos"].at[slot].set(t),
-             "k_blk": c["k_blk"].at[:, p].set(k_raw), "v_blk": c["v_blk"].at[:, p].set(v), "rk": rk, "rv": rv}
-        visible = (c["pos"] >= 0) & (c["pos"] >= (t // W - 1) * W) & (c["pos"] <= t)  # blocks k−1, k up to t
+        c = {**ring_push(c, k, v, t), "k_blk": c["k_blk"].at[:, p].set(k_raw), "v_blk": c["v_blk"].at[:, p].set(v),
+             "rk": rk, "rv": rv}
+        visible = ring_visible(c, (t // W - 1) * W, t)  # blocks k−1 and k up to t
         a_self = attend(q[:, None], c["k"], c["v"], visible[None])[:, 0]
         a_cross = attend(q2[:, None], rk, rv, jnp.ones((1, 1), bool))[:, 0]
         # The block is complete: the state reads it (the sequential step of the forward pass).

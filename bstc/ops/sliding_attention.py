@@ -65,22 +65,19 @@ class SlidingAttention(eqx.Module):
 
     # ---- the decoding protocol (bstc/decode.py): the last 2W keys/values, in a ring ----
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
-        D, W = self.w_o.shape[0], self.window
-        kv = jnp.zeros((batch, 2 * W, self.heads, D // self.heads), dtype)
-        return {"k": kv, "v": kv, "pos": jnp.full((2 * W,), -1, jnp.int32)}  # pos −1: empty slot
+        from bstc.ops._attention import ring_cache
+
+        return ring_cache(batch, 2 * self.window, self.heads, self.w_o.shape[0] // self.heads, dtype)
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
-        from bstc.ops._attention import apply_rope, attend
+        from bstc.ops._attention import apply_rope, attend, ring_push, ring_visible
 
         W = self.window
         q, k, v = (a[:, None] for a in fused_heads(x_t, self.w_qkv, self.heads))  # (B, 1, H, dh)
         if self.rope:
             q, k = apply_rope(q, t[None]), apply_rope(k, t[None])
-        slot = t % (2 * W)
-        cache = {"k": cache["k"].at[:, slot].set(k[:, 0]), "v": cache["v"].at[:, slot].set(v[:, 0]),
-                 "pos": cache["pos"].at[slot].set(t)}
-        # blocks k−1 and k up to t: positions from (t // W − 1)·W on
-        visible = (cache["pos"] >= 0) & (cache["pos"] >= (t // W - 1) * W) & (cache["pos"] <= t)
+        cache = ring_push(cache, k[:, 0], v[:, 0], t)
+        visible = ring_visible(cache, (t // W - 1) * W, t)  # blocks k−1 and k up to t
         y = attend(q, cache["k"], cache["v"], visible[None])[:, 0]
         return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
 

@@ -104,21 +104,19 @@ class XLAttention(eqx.Module):
 
     # ---- the decoding protocol (bstc/decode.py): the last M + W keys/values, in a ring ----
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
-        D, n = self.w_o.shape[0], self.memory + self.window
-        kv = jnp.zeros((batch, n, self.heads, D // self.heads), dtype)
-        return {"k": kv, "v": kv, "pos": jnp.full((n,), -1, jnp.int32)}  # pos −1: empty slot
+        from bstc.ops._attention import ring_cache
+
+        return ring_cache(batch, self.memory + self.window, self.heads, self.w_o.shape[0] // self.heads, dtype)
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
+        from bstc.ops._attention import ring_push, ring_visible
+
         W, M, H = self.window, self.memory, self.heads
         q = split_heads(x_t @ self.w_q.astype(x_t.dtype), H)[:, None]  # (B, 1, H, dh)
         k, v = fused_heads(x_t, self.w_kv, H)
-        slot = t % (M + W)
-        cache = {"k": cache["k"].at[:, slot].set(k), "v": cache["v"].at[:, slot].set(v),
-                 "pos": cache["pos"].at[slot].set(t)}
-        pos = cache["pos"]
-        # the M tokens before the current block, and the block up to t
-        visible = (pos >= 0) & (pos >= (t // W) * W - M) & (pos <= t)
-        buckets = t5_buckets(t - pos, NUM_BUCKETS, M + W - 1, xp=jnp)
+        cache = ring_push(cache, k, v, t)
+        visible = ring_visible(cache, (t // W) * W - M, t)  # the M tokens before the block, the block up to t
+        buckets = t5_buckets(t - cache["pos"], NUM_BUCKETS, M + W - 1, xp=jnp)
         bias = jnp.transpose(self.rel_bias.astype(jnp.float32)[buckets])[:, None, :]  # (H, 1, M + W)
         y = attend_with_bias(q, cache["k"], cache["v"], visible[None], bias)[:, 0]
         return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
