@@ -30,6 +30,21 @@ model tiny {
 """
 
 
+# A model file with three independent mistakes (unknown kind, dangling context source, seq_len
+# not divisible by window): `bstc validate` must report all three.
+THREE_MISTAKES = """\
+model three {
+  vocab = 256; d_model = 64; heads = 4; window = 16
+  seq_len = 100
+  block bst {
+    ssm  = s4dd(state: 16)
+    attn = block_attention(window: window, context: ssm2 -> sh)
+  }
+  layers { embed; bst; head tied }
+}
+"""
+
+
 def tiny_overrides(path, **extra) -> dict:
     """TINY restricted to the parameters the model file defines (unknown --set names are errors)."""
     from bstc.frontend import parse_ast

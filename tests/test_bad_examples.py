@@ -21,6 +21,7 @@ import pytest
 
 import bstc
 from bstc.errors import BstcError
+from conftest import THREE_MISTAKES
 
 
 @dataclass(frozen=True)
@@ -1007,17 +1008,6 @@ def test_bad_example(c: Case, tmp_path):
         assert text.endswith(f"found {len(err.diagnostics)} errors")
 
 
-THREE_MISTAKES = textwrap.dedent("""
-    model three {
-      vocab = 256; d_model = 64; heads = 4; window = 16
-      seq_len = 100
-      block bst {
-        ssm  = s4dd(state: 16)
-        attn = block_attention(window: window, context: ssm2 -> sh)
-      }
-      layers { embed; bst; head tied }
-    }
-    """).lstrip("\n")
 
 
 def test_three_independent_mistakes_are_all_reported_with_carets(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import re
-import textwrap
 
 import pytest
 import typer
@@ -13,21 +12,11 @@ from typer.testing import CliRunner
 import bstc
 from bstc import zoo
 from bstc.cli import app
+from conftest import THREE_MISTAKES
 
 SH = str(zoo.models_dir() / "bst_sh_s4.bst")
 SH_YAML = str(zoo.models_dir() / "bst_sh_s4.yaml")
 
-THREE = textwrap.dedent("""\
-    model three {
-      vocab = 256; d_model = 64; heads = 4; window = 16
-      seq_len = 100
-      block bst {
-        ssm  = s4dd(state: 16)
-        attn = block_attention(window: window, context: ssm2 -> sh)
-      }
-      layers { embed; bst; head tied }
-    }
-    """)
 
 
 @pytest.fixture
@@ -60,7 +49,7 @@ def test_validate_good_files(run):
 
 def test_validate_reports_all_three_mistakes(run, tmp_path):
     bad = tmp_path / "three.bst"
-    bad.write_text(THREE)
+    bad.write_text(THREE_MISTAKES)
     res = run("validate", bad)
     assert res.exit_code == 1
     assert "Traceback" not in res.output
@@ -78,7 +67,7 @@ def test_validate_reports_all_three_mistakes(run, tmp_path):
 
 def test_validate_goes_on_after_a_bad_file(run, tmp_path):
     bad = tmp_path / "three.bst"
-    bad.write_text(THREE)
+    bad.write_text(THREE_MISTAKES)
     res = run("validate", bad, SH)
     assert res.exit_code == 1
     assert f"{SH}: ok" in res.output and "found 3 errors" in res.output
@@ -142,7 +131,7 @@ def test_explain_ir(run):
 
 def test_explain_model_error_exits_1(run, tmp_path):
     bad = tmp_path / "three.bst"
-    bad.write_text(THREE)
+    bad.write_text(THREE_MISTAKES)
     res = run("explain", bad)
     assert res.exit_code == 1
     assert "found 3 errors" in res.output and "Traceback" not in res.output
