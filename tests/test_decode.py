@@ -107,6 +107,31 @@ def test_post_norm_shared_scanned_and_every_context_variant_decode_like_the_forw
     assert_decode_equals_forward(model, 96, batch=3)
 
 
+OWN_CONTEXT = """
+model own {
+  vocab = 256; d_model = 32; heads = 4; window = 8; seq_len = 32
+  block sh {
+    ssm  = s4d(state: 8)
+    attn = block_attention(window: window, context: ssm -> sh, context_block: own)
+    mlp  = mlp(hidden: 48)
+  }
+  block mh {
+    ssm  = long_conv(filters: heads, kernel_len: 12)
+    attn = block_attention(window: window, context: ssm -> mh, context_block: own, rope: false)
+  }
+  layers { embed; sh; mh; repeat 2 { sh }; norm rms; head tied }
+}
+"""
+
+
+def test_own_window_context_decodes_like_the_forward_pass():
+    """`context_block: own`: the source's output at t joins the current block's context as it
+    arrives (SH and MH, a scanned stack), at three times seq_len."""
+    model = bstc.load(OWN_CONTEXT, key=jax.random.key(6))
+    assert decode.decodable(model) == (True, "")
+    assert_decode_equals_forward(model, 96)
+
+
 def assert_close_in_bf16(model, length: int):
     tokens = jax.random.randint(jax.random.key(2), (2, length), 0, 256)
     ref, got = np.asarray(model(tokens)), np.asarray(decode.decode_logits(model, tokens))

@@ -3,6 +3,8 @@ from the definitions: dense attention over an explicit L×L (or L×(contexts + L
 sets for sh/mh/mf built independently, RoPE as a complex rotation, causality by perturbation."""
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -96,6 +98,33 @@ def test_blockwise_equals_dense_with_context(S):
     ck, cv = rnd(13, B, NB, S, H, DH), rnd(14, B, NB, S, H, DH)
     got = np.asarray(att.blockwise_attention(q, k, v, W, ck, cv))
     np.testing.assert_allclose(got, np.asarray(dense_with_contexts(q, k, v, ck, cv, W)), rtol=1e-5, atol=1e-5)
+
+
+def dense_with_causal_contexts(q, k, v, ck, cv, window):
+    """One dense problem for a context aligned with the positions (ck: (B, L, H, dh), one vector
+    per position): keys = [the L context vectors; the L tokens]; query t sees context vector s
+    and token s alike, iff s ≤ t and both are in the same block."""
+    mask = block_causal_mask(q.shape[1], window)
+    return att.dense_attention(q, jnp.concatenate([ck, k], 1), jnp.concatenate([cv, v], 1),
+                               jnp.asarray(np.concatenate([mask, mask], axis=1)))
+
+
+@pytest.mark.parametrize("window", [1, 4, 8])
+def test_blockwise_with_causal_context_equals_dense(window):
+    q, k, v = rnd(30, B, L, H, DH), rnd(31, B, L, H, DH), rnd(32, B, L, H, DH)
+    ck, cv = rnd(33, B, L, H, DH), rnd(34, B, L, H, DH)
+    nb = L // window
+    got = att.blockwise_attention(q, k, v, window, ck.reshape(B, nb, window, H, DH), cv.reshape(B, nb, window, H, DH),
+                                  causal_context=True)
+    ref = dense_with_causal_contexts(q, k, v, ck, cv, window)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_causal_context_needs_one_slot_per_position():
+    assert np.array_equal(np.asarray(att.block_mask(3, 3, causal_context=True)),
+                          np.array([[1, 0, 0, 1, 0, 0], [1, 1, 0, 1, 1, 0], [1, 1, 1, 1, 1, 1]], bool))
+    with pytest.raises(ValueError, match="one slot per position"):
+        att.block_mask(4, 3, causal_context=True)
 
 
 # ---- the block_attention layer, every context variant --------------------------------------------
@@ -198,6 +227,92 @@ def test_learned_first_context_reaches_block_zero_only():
     np.testing.assert_array_equal(np.asarray(a[0, W:]), np.asarray(b[0, W:]))
 
 
+# ---- `context_block: own`: block k's context is the source over block k itself, seen causally ------
+OWN_VARIANTS = [("sh", 1), ("mh", H)]
+
+
+def reference_own_layer(layer, x, y, variant, rope):
+    """From the definition: the context vector of position s is the source output at s (for mh,
+    head h: filter h through K/V, head h's slice); query t sees context vectors and tokens at
+    positions s ≤ t of its own block. Contexts are not rotated."""
+    proj = lambda t, w: (t @ w).reshape(*t.shape[:-1], H, DH)  # noqa: E731
+    q, k, v = proj(x, layer.wq), proj(x, layer.wk), proj(x, layer.wv)
+    if rope:
+        pos = jnp.asarray(np.arange(L) % W)
+        q, k = att.apply_rope(q, pos), att.apply_rope(k, pos)
+    if variant == "mh":
+        ck = jnp.stack([proj(y[:, :, h], layer.wk)[..., h, :] for h in range(H)], axis=2)
+        cv = jnp.stack([proj(y[:, :, h], layer.wv)[..., h, :] for h in range(H)], axis=2)
+    else:
+        ck, cv = proj(y, layer.wk), proj(y, layer.wv)
+    return dense_with_causal_contexts(q, k, v, ck, cv, W).reshape(B, L, D) @ layer.wo
+
+
+@pytest.mark.parametrize("rope", [False, True])
+@pytest.mark.parametrize("first", ["learned", "zero"])
+@pytest.mark.parametrize("variant,filters", OWN_VARIANTS)
+def test_own_context_equals_dense_reference(variant, filters, first, rope):
+    ctx = ContextSpec(variant, filters)
+    layer = OP.build(args_of(rope=rope, first_context=first, context_block="own"), DIMS, ctx, key=jax.random.key(1))
+    assert layer.ctx_first is None  # block 0 has its own window: first_context does not apply
+    x, y = rnd(19, B, L, D), context_input(variant, filters)
+    got = np.asarray(jax.jit(lambda x, y: layer(x, context=y))(x, y))
+    ref = np.asarray(reference_own_layer(layer, x, y, variant, rope))
+    np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # ...and it is not the previous-block layer with the same weights
+    prev = dataclasses.replace(layer, context_block="previous", ctx_first=jnp.zeros((W, D)))
+    assert np.abs(np.asarray(prev(x, context=y)) - got).max() > 1e-3 * np.abs(got).max()
+
+
+@pytest.mark.parametrize("variant,filters", OWN_VARIANTS)
+def test_own_context_is_causal_and_stays_in_its_block(variant, filters):
+    layer = OP.build(args_of(context_block="own"), DIMS, ContextSpec(variant, filters), key=jax.random.key(2))
+    f = jax.jit(lambda x, y: layer(x, context=y))
+    x, y = rnd(21, 1, L, D), context_input(variant, filters)[:1]
+    base = f(x, y)
+    scale = float(jnp.abs(base).max())
+    diff = lambda a, lo, hi: float(jnp.abs(a[0, lo:hi] - base[0, lo:hi]).max(initial=0.0))  # noqa: E731
+    for t in (0, 5, W - 1, W, W + 3, L - 1):
+        end = (t // W + 1) * W
+        both = f(x.at[0, t].add(1.0), y.at[0, t].add(1.0))
+        assert diff(both, 0, t) <= 1e-4 * scale and diff(both, t, L) > 1e-3 * scale, t
+        # the source output at t is the context of position t: it reaches queries t..end of its
+        # own block and nothing else (later blocks have their own windows)
+        only_ctx = f(x, y.at[0, t].add(1.0))
+        assert diff(only_ctx, 0, t) <= 1e-4 * scale, t
+        assert float(jnp.abs(only_ctx[0, t] - base[0, t]).max()) > 1e-3 * scale, t
+        assert diff(only_ctx, end, L) == 0.0, t
+
+
+def test_own_context_needs_an_sh_or_mh_edge():
+    own = args_of(context_block="own")
+    assert OP.check(own, DIMS, ContextSpec("sh", 1)) == [] and OP.check(own, DIMS, ContextSpec("mh", H)) == []
+    p = OP.check(own, DIMS, None)
+    assert [x.arg for x in p] == ["context_block"] and "context edge" in p[0].message and "-> sh" in p[0].hint
+    p = OP.check(own, DIMS, ContextSpec("mf", 3))
+    assert [x.arg for x in p] == ["context_block"] and "'mf'" in p[0].message and "-> sh" in p[0].hint
+
+
+def test_own_context_with_mf_is_a_located_error():
+    import bstc
+    from bstc.errors import BstcError
+
+    text = """model m {
+  vocab = 256; d_model = 32; heads = 2; window = 8; seq_len = 32
+  block b {
+    ssm  = s4d(state: 8, filters: 3)
+    attn = block_attention(window: window, context: ssm -> mf, context_block: own)
+  }
+  layers { embed; b; head tied }
+}
+"""
+    with pytest.raises(BstcError) as e:
+        bstc.parse(text)
+    (d,) = e.value.diagnostics
+    assert "'mf'" in d.message and d.span is not None and d.span.line == 5
+    assert text.splitlines()[4][d.span.col - 1:].startswith("context_block")
+
+
 # ---- checks, counts, dtypes, determinism ------------------------------------------------------------
 def test_checks_name_the_offending_argument():
     assert OP.check(args_of(), DIMS, None) == []
@@ -215,7 +330,9 @@ def test_checks_name_the_offending_argument():
 
 @pytest.mark.parametrize("given,ctx", [({}, None), ({"heads": 4}, ContextSpec("sh", 1)),
                                        ({"first_context": "zero"}, ContextSpec("sh", 1)), ({}, ContextSpec("mh", H)),
-                                       ({}, ContextSpec("mf", 6)), ({"first_context": "zero"}, ContextSpec("mf", 6))])
+                                       ({}, ContextSpec("mf", 6)), ({"first_context": "zero"}, ContextSpec("mf", 6)),
+                                       ({"context_block": "own"}, ContextSpec("sh", 1)),
+                                       ({"context_block": "own"}, ContextSpec("mh", H))])
 def test_param_count_is_exact(given, ctx):
     a = args_of(**given)
     for dims in (DIMS, Dims(vocab=8, d_model=24, heads=2, window=4, seq_len=16)):
@@ -223,7 +340,7 @@ def test_param_count_is_exact(given, ctx):
         layer = OP.build(a2, dims, ctx, key=jax.random.key(0))
         assert count_params(layer) == OP.param_count(a2, dims, ctx)
         assert OP.flops_per_token(a2, dims, ctx) > 0
-    if given.get("first_context") == "zero":
+    if given.get("first_context") == "zero" or given.get("context_block") == "own":
         assert layer.ctx_first is None
 
 

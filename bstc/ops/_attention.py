@@ -20,17 +20,26 @@ def attend(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk H dh"], v: Fl
     return jnp.einsum("...hqk,...khd->...qhd", w.astype(v.dtype), v).astype(q.dtype)
 
 
-def block_mask(window: int, n_context: int) -> Bool[Array, "W S+W"]:
-    """[ones(W, S) | tril(W)]: every query sees all context vectors and the block's past."""
-    return jnp.concatenate([jnp.ones((window, n_context), bool), jnp.tril(jnp.ones((window, window), bool))], axis=1)
+def block_mask(window: int, n_context: int, causal_context: bool = False) -> Bool[Array, "W S+W"]:
+    """[ones(W, S) | tril(W)]: every query sees all context vectors and the block's past.
+    `causal_context`: the context is the block's own window (S = W, slot i from position i of
+    the block), so query i sees context slots 0..i only: [tril(W) | tril(W)]."""
+    tril = jnp.tril(jnp.ones((window, window), bool))
+    if causal_context:
+        if n_context != window:
+            raise ValueError(f"a causal context has one slot per position of the block ({window}), got {n_context}")
+        return jnp.concatenate([tril, tril], axis=1)
+    return jnp.concatenate([jnp.ones((window, n_context), bool), tril], axis=1)
 
 
 def blockwise_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"], v: Float[Array, "B L H dh"],
                         window: int, ctx_k: Float[Array, "B nb S H dh"] | None = None,
-                        ctx_v: Float[Array, "B nb S H dh"] | None = None) -> Float[Array, "B L H dh"]:
+                        ctx_v: Float[Array, "B nb S H dh"] | None = None,
+                        causal_context: bool = False) -> Float[Array, "B L H dh"]:
     """Causal attention within blocks of `window` tokens, plus full attention to each block's
-    context vectors. Computed block by block (B·L/W independent problems of W queries and S + W
-    keys): the L×L logits are never built, so the cost is O(L·(S + W)·D)."""
+    context vectors (or, with `causal_context`, causal attention to a context aligned with the
+    block's positions: see `block_mask`). Computed block by block (B·L/W independent problems
+    of W queries and S + W keys): the L×L logits are never built, so the cost is O(L·(S + W)·D)."""
     B, L, H, dh = q.shape
     nb = L // window
     qb, kb, vb = (t.reshape(B, nb, window, H, dh) for t in (q, k, v))
@@ -39,7 +48,7 @@ def blockwise_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"]
         S = ctx_k.shape[2]
         kb = jnp.concatenate([ctx_k.astype(kb.dtype), kb], axis=2)
         vb = jnp.concatenate([ctx_v.astype(vb.dtype), vb], axis=2)
-    out = attend(qb, kb, vb, block_mask(window, S))
+    out = attend(qb, kb, vb, block_mask(window, S, causal_context))
     return out.reshape(B, L, H, dh)
 
 

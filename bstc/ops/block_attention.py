@@ -13,6 +13,11 @@ the tokens'. Context variants (Pal et al. 2023, §3), given by the edge `context
   last SSM output before the block (position k·W − 1) of each filter, plus learned context IDs
   (S, D); block 0 gets a learned (S, D) context.
 
+`context_block: own` (sh, mh) takes the context of block k from the block's own window instead,
+as the BST paper's appendix writes it: the source's outputs at positions kW … kW+W−1, slot i
+from position kW + i, and query i of the block sees context slots 0..i only (a causal cross
+mask). The source is causal, so the layer stays causal, and no block needs a learned context.
+
 Positions (`rope: true`): rotary embedding on queries and block keys with the position *within
 the block* (t mod W). Inside a block RoPE is relative, so this equals absolute positions there;
 what it fixes is the context: context keys carry no rotation (they summarise the past as a set),
@@ -44,6 +49,9 @@ class BlockAttentionLayer(eqx.Module):
     dropout: float = eqx.field(static=True)
     variant: str | None = eqx.field(static=True)
     n_context: int = eqx.field(static=True)
+    # "previous": block k's context is the source over block k−1; "own": over block k itself,
+    # seen causally (sh, mh only).
+    context_block: str = eqx.field(static=True, default="previous")
 
     def _proj(self, x, w):
         B, L, D = x.shape
@@ -69,6 +77,9 @@ class BlockAttentionLayer(eqx.Module):
     def context_vectors(self, y, B: int, nb: int, dtype):
         """The context set of every block, before projection: (B, nb, S, D) or, for mh, (B, nb, W, H, D)."""
         W = self.window
+        if self.context_block == "own":  # block k's own window; the mask keeps it causal
+            per_head = (self.heads,) if self.variant == "mh" else ()
+            return y.reshape(B, nb, W, *per_head, -1).astype(dtype)
         first = self.first_context(dtype)
         if self.variant == "sh":
             prev = y.reshape(B, nb, W, -1)[:, :-1]  # block k−1 for k ≥ 1
@@ -97,7 +108,7 @@ class BlockAttentionLayer(eqx.Module):
             if context is None:
                 raise ValueError("this block_attention expects a context (its edge's source output)")
             ck, cv = self.project_context(self.context_vectors(context, B, nb, x.dtype), x.dtype)
-        o = blockwise_attention(q, k, v, W, ck, cv).reshape(B, L, D)
+        o = blockwise_attention(q, k, v, W, ck, cv, causal_context=self.context_block == "own").reshape(B, L, D)
         o = o @ self.wo.astype(x.dtype)
         return dropout(o, self.dropout, key)
 
@@ -105,7 +116,9 @@ class BlockAttentionLayer(eqx.Module):
     # One token at a time: the keys/values of the current block so far (W slots, position t mod
     # W), the projected context of the current block, and the context source's outputs over the
     # current block (they become the next block's context). O((S + W)·D + D²) per token, and no
-    # limit on the length: positions are taken within the block.
+    # limit on the length: positions are taken within the block. With `context_block: own` the
+    # context of position t is the source's output at t: projected and written to context slot
+    # t mod W as it arrives, so no source outputs are kept.
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         W, H, D = self.window, self.heads, self._d()
         kv = jnp.zeros((batch, W, H, D // H), dtype)
@@ -113,6 +126,9 @@ class BlockAttentionLayer(eqx.Module):
         if self.variant is None:
             return cache
         S = W if self.variant == "mh" else self.n_context
+        if self.context_block == "own":
+            ckv = jnp.zeros((batch, W, H, D // H), dtype)
+            return {**cache, "ck": ckv, "cv": ckv}
         src = {"sh": (batch, W, D), "mh": (batch, W, H, D), "mf": (batch, S, D)}[self.variant]
         ckv = jnp.zeros((batch, S, H, D // H), dtype)
         return {**cache, "ck": ckv, "cv": ckv, "src": jnp.zeros(src, dtype)}
@@ -138,14 +154,23 @@ class BlockAttentionLayer(eqx.Module):
         if self.variant is not None:
             if context is None:
                 raise ValueError("this block_attention expects a context (its edge's source output)")
-            # A new block starts: its context comes from the source's outputs over the last block.
-            ck, cv = jax.lax.cond(p == 0, lambda c: self._block_context(c["src"], t // W, x_t.dtype),
-                                  lambda c: (c["ck"], c["cv"]), cache)
-            src = context.astype(x_t.dtype)
-            src = src if self.variant == "mf" else cache["src"].at[:, p].set(src)
-            cache = {**cache, "ck": ck, "cv": cv, "src": src}
+            if self.context_block == "own":
+                # Slot p gets position t's context; slots after p still hold the last block's
+                # and are masked like the keys (the same `visible`).
+                ck_t, cv_t = self.project_context(context.astype(x_t.dtype)[:, None], x_t.dtype)
+                ck, cv = cache["ck"].at[:, p].set(ck_t[:, 0]), cache["cv"].at[:, p].set(cv_t[:, 0])
+                cache = {**cache, "ck": ck, "cv": cv}
+                ctx_visible = visible
+            else:
+                # A new block starts: its context comes from the source's outputs over the last block.
+                ck, cv = jax.lax.cond(p == 0, lambda c: self._block_context(c["src"], t // W, x_t.dtype),
+                                      lambda c: (c["ck"], c["cv"]), cache)
+                src = context.astype(x_t.dtype)
+                src = src if self.variant == "mf" else cache["src"].at[:, p].set(src)
+                cache = {**cache, "ck": ck, "cv": cv, "src": src}
+                ctx_visible = jnp.ones((ck.shape[1],), bool)
             keys, values = jnp.concatenate([ck, keys], 1), jnp.concatenate([cv, values], 1)
-            visible = jnp.concatenate([jnp.ones((ck.shape[1],), bool), visible])
+            visible = jnp.concatenate([ctx_visible, visible])
         from bstc.ops._attention import attend
 
         o = attend(q[:, None], keys, values, visible[None]).reshape(B, D)
@@ -154,6 +179,11 @@ class BlockAttentionLayer(eqx.Module):
 
 def _heads(args, dims) -> int:
     return args["heads"] or dims.heads
+
+
+def _learned_first(args, context) -> bool:
+    """Whether block 0 gets learned context vectors: with an own-window context it has its own."""
+    return context is not None and args["first_context"] == "learned" and args["context_block"] == "previous"
 
 
 def _n_context(args, dims, context) -> int:
@@ -178,6 +208,8 @@ class BlockAttention(Op):
         Param("rope", bool, True, doc="rotary positions (within the block) on queries and block keys"),
         Param("dropout", float, 0.0, min=0.0, max=0.99),
         Param("first_context", str, "learned", choices=("learned", "zero"), doc="block 0's context"),
+        Param("context_block", str, "previous", choices=("previous", "own"),
+              doc="block k's context: the source over block k−1, or over block k itself seen causally (sh, mh)"),
     )
 
     def check(self, args, dims, context):
@@ -203,13 +235,23 @@ class BlockAttention(Op):
             elif context.variant == "mf" and F < 2:
                 out.append(Problem(f"context variant 'mf' needs a source with several filters, but it has {F}", "context",
                                    "give the source e.g. `filters: 16` (S context vectors per block)"))
+        if args["context_block"] == "own":
+            if context is None:
+                out.append(Problem("`context_block: own` needs a context edge", "context_block",
+                                   "add `context: SOURCE -> sh` (or `-> mh`), or drop `context_block`"))
+            elif context.variant == "mf":
+                # mf's context is each filter's last output before the block: one position, so
+                # there is no window of the block's own positions to attend to causally.
+                out.append(Problem("`context_block: own` applies to the 'sh' and 'mh' context variants, not 'mf'",
+                                   "context_block", "use `-> sh` or `-> mh` for an own-window context, or drop "
+                                   "`context_block` (mf reads the state entering the block)"))
         return out
 
     def param_count(self, args, dims, context):
         D = dims.d_model
         S = _n_context(args, dims, context)
         n = 4 * D * D
-        if context is not None and args["first_context"] == "learned":
+        if _learned_first(args, context):
             n += S * D
         if context is not None and context.variant == "mf":
             n += S * D
@@ -240,11 +282,11 @@ class BlockAttention(Op):
         S = _n_context(args, dims, context)
         variant = context.variant if context is not None else None
         first = ids = None
-        if context is not None and args["first_context"] == "learned":
+        if _learned_first(args, context):
             first = jax.random.normal(ks[4], (S, D)) * 0.02
         if variant == "mf":
             ids = jax.random.normal(ks[5], (S, D)) * 0.02
         return BlockAttentionLayer(wq=init(ks[0]), wk=init(ks[1]), wv=init(ks[2]), wo=init(ks[3]) / jnp.sqrt(2.0),
                                    ctx_first=first, ctx_ids=ids, window=int(args["window"]), heads=H,
                                    rope=bool(args["rope"]), dropout=float(args["dropout"]), variant=variant,
-                                   n_context=S)
+                                   n_context=S, context_block=str(args["context_block"]))
