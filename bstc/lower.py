@@ -38,6 +38,8 @@ class Sub(eqx.Module):
     residual: bool = eqx.field(static=True)
     context_source: str | None = eqx.field(static=True)
     keep_output: bool = eqx.field(static=True)  # another sublayer reads this one's output
+    kind: str = eqx.field(static=True, default="")  # the registered layer kinds that built
+    norm_kind: str | None = eqx.field(static=True, default=None)  # `op` and `norm`
 
 
 class Block(eqx.Module):
@@ -117,6 +119,7 @@ class LoweredModel(eqx.Module):
     dtype: str = eqx.field(static=True)
     positions: tuple = eqx.field(static=True)  # first instance index of each stage (for dropout keys)
     name: str = eqx.field(static=True)
+    final_norm_kind: str | None = eqx.field(static=True, default=None)
 
     def __call__(self, tokens: Int[Array, "B L"], *, key=None) -> Float[Array, "B L V"]:
         dt = _DTYPES[self.dtype]
@@ -158,7 +161,7 @@ def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
         nk = norm_kind(s.norm)
         norm = REGISTRY[nk].build(op_args(nk), dims, None, key=keys[2 * i + 1]) if nk else None
         subs.append(Sub(norm, module, s.name, s.placement, s.residual,
-                        s.context.source if s.context else None, s.name in consumed))
+                        s.context.source if s.context else None, s.name in consumed, s.kind, nk))
     return Block(tuple(subs))
 
 
@@ -226,7 +229,7 @@ def lower(m: ir.Model, *, key, scan: bool = True, remat: str = "none") -> Lowere
             stages.append(SharedRef(inst.share))
         else:
             stages.append(Single(_build_block(m.layers[start], d, layer_key(start)), remat))
-    model = LoweredModel(embed, tuple(stages), shared, final_norm, head, d.dtype, tuple(positions), m.name)
+    model = LoweredModel(embed, tuple(stages), shared, final_norm, head, d.dtype, tuple(positions), m.name, nk)
     pdt = _DTYPES[d.param_dtype]
     return cast_floating(model, pdt)
 
@@ -235,6 +238,27 @@ def load(source, *, key, overrides=None, scan: bool = True, remat: str = "none")
     from bstc.frontend import parse
 
     return lower(parse(source, overrides=overrides), key=key, scan=scan, remat=remat)
+
+
+def param_roles(model: LoweredModel):
+    """A pytree like `model` whose trainable leaves are their `OptimRole`s, from each layer
+    kind's `optim` table (bstc.ops.base.ROLES); other leaves are None. Works on a model of
+    arrays or of jax.ShapeDtypeStructs (eqx.filter_eval_shape), scanned or unrolled alike."""
+    from bstc.ops.base import named_roles
+
+    def roles(kind, module):
+        return None if module is None else named_roles(module, REGISTRY[kind].optim, kind)
+
+    def sub(x):
+        if not isinstance(x, Sub):
+            return x
+        return eqx.tree_at(lambda s: (s.norm, s.op), x, (roles(x.norm_kind, x.norm), roles(x.kind, x.op)),
+                           is_leaf=lambda v: v is None)
+
+    out = eqx.tree_at(lambda m: (m.embed, m.head, m.final_norm), model,
+                      (roles("embedding", model.embed), roles("head", model.head),
+                       roles(model.final_norm_kind, model.final_norm)), is_leaf=lambda v: v is None)
+    return jax.tree.map(sub, out, is_leaf=lambda x: isinstance(x, Sub))
 
 
 def count_params(module) -> int:

@@ -23,9 +23,14 @@ from bstc.runtime.errors import CheckpointError
 logging.getLogger("absl").setLevel(logging.WARNING)
 
 
+def _array_like(x) -> bool:
+    """An array, or its shape and dtype (a template from eqx.filter_eval_shape)."""
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
 def describe(tree) -> list[list]:
     """[path, shape, dtype] for every array leaf: what a checkpoint must match."""
-    arrays = eqx.filter(tree, eqx.is_array)
+    arrays = eqx.filter(tree, _array_like)
     leaves = jax.tree_util.tree_flatten_with_path(arrays)[0]
     return [[jax.tree_util.keystr(p), list(np.shape(x)), str(x.dtype)] for p, x in leaves]
 
@@ -62,7 +67,8 @@ class Checkpointer:
                                   f"unreadable: {_first_line(e)}") from None
 
     def restore(self, step: int, template, data_iter, fingerprint: str | None):
-        """Restore into `template` (a freshly initialised state of the same model)."""
+        """Restore into `template`: a freshly initialised state of the same model, or its
+        shapes (eqx.filter_eval_shape), which restores without building the model first."""
         where = self.directory / str(step)
         meta = self.read_meta(step)
         if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
@@ -76,7 +82,7 @@ class Checkpointer:
             diff = next((f"{a[0]} {a[1]} vs {b[0]} {b[1]}" for a, b in zip(saved, want) if a != b),
                         f"{len(saved)} arrays saved, {len(want)} expected")
             raise CheckpointError(f"checkpoint {where} does not match this model: {diff}")
-        arrays, static = eqx.partition(template, eqx.is_array)
+        arrays, static = eqx.partition(template, _array_like)
         leaves, treedef = jax.tree.flatten(arrays)
         # Restore into the template's own placement: a template on a mesh (bstc.shard) shard by
         # shard onto that mesh, a one-device template onto its device — whatever mesh saved it.

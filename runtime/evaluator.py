@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import equinox as eqx
 import jax.numpy as jnp
 import numpy as np
 from rich.console import Console
@@ -51,7 +52,8 @@ def load_model(run_dir: Path, spec: ModelSpec | None = None, step: int | None = 
             step = steps[-1]
         elif step not in steps:
             raise UsageError(f"no checkpoint for step {step} in '{run_dir}' (have {steps})")
-        template = init_state(spec, cfg, make_optimizer(cfg))
+        # Shapes only: nothing is built or initialised just to be overwritten by the restore.
+        template = eqx.filter_eval_shape(init_state, spec, cfg, make_optimizer(cfg))
         # The fingerprint is not checked here: a newer compiler may print the same model
         # differently; the array paths and shapes still have to match exactly.
         state, _ = ckpt.restore(step, template, None, None)

@@ -30,6 +30,7 @@ from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
 from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte
 from bstc.runtime.model import ModelSpec
+from bstc.runtime.optim import lr_multipliers, make_optimizer, make_schedule  # noqa: F401 - re-exported
 
 
 class TrainState(eqx.Module):
@@ -37,49 +38,6 @@ class TrainState(eqx.Module):
     opt_state: Any
     step: jax.Array      # () int32: optimizer updates applied so far
     key: jax.Array       # (2,) uint32: the run's base key; step s uses fold_in(key, s)
-
-
-# ---- optimizer -----------------------------------------------------------------------------------
-
-
-def lr_multipliers(model) -> Any:
-    """A pytree like the trainable params: each leaf's learning-rate multiplier, taken from the
-    nearest enclosing module with an `lr_multiplier` field (e.g. an unstructured long-conv
-    kernel), else 1.0."""
-
-    def scaled(x) -> bool:
-        return isinstance(x, eqx.Module) and getattr(x, "lr_multiplier", None) is not None
-
-    def trainable(a) -> bool:  # arrays, or their shapes from eqx.filter_eval_shape
-        return eqx.is_inexact_array(a) or (isinstance(a, jax.ShapeDtypeStruct)
-                                           and jnp.issubdtype(a.dtype, jnp.inexact))
-
-    def label(x):
-        if scaled(x):
-            m = float(x.lr_multiplier)
-            return jax.tree.map(lambda a: m if trainable(a) else None, x)
-        return 1.0 if trainable(x) else None
-
-    return jax.tree.map(label, model, is_leaf=scaled)
-
-
-def make_schedule(cfg: RunConfig):
-    return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
-
-
-def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW (decay on matrices only) or Adafactor (the paper's)."""
-    sched = make_schedule(cfg)
-    decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
-    if cfg.optimizer == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
-    else:
-        opt = optax.adafactor(sched, weight_decay_rate=cfg.weight_decay or None,
-                              weight_decay_mask=decay_mask)
-    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
-    return optax.chain(*parts, opt)
 
 
 def init_state(spec: ModelSpec, cfg: RunConfig, tx: optax.GradientTransformation) -> TrainState:
@@ -157,7 +115,7 @@ def _compiled_step(spec: ModelSpec, cfg: RunConfig, nan_at_step: int | None):
             _STEPS.clear()
         tx = make_optimizer(cfg)
         shapes = eqx.filter_eval_shape(spec.build, jax.random.PRNGKey(0))
-        _STEPS[key] = (tx, make_train_step(tx, cfg, lr_multipliers(shapes), nan_at_step))
+        _STEPS[key] = (tx, make_train_step(tx, cfg, lr_multipliers(shapes, cfg.lr), nan_at_step))
     return _STEPS[key]
 
 

@@ -99,6 +99,9 @@ ATTN_AXES = {"w_qkv": ("embed", None, "heads"), "w_q": ("embed", "heads"), "w_kv
              "w_o": ("heads", "embed"), "rel_bias": (None, None)}
 
 
+ATTN_OPTIM = {"w_qkv": "weight", "w_q": "weight", "w_kv": "weight", "w_o": "weight", "rel_bias": "bias"}
+
+
 def split_heads(x: Float[Array, "*b T HD"], heads: int) -> Float[Array, "*b T H dh"]:
     return x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
 

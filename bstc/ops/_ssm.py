@@ -181,6 +181,9 @@ def multi_filter_fft_conv(u: Float[Array, "B L H"], k: Float[Array, "F H Lk"]) -
 # Logical axes of the SSM sublayers' parameters (s4d, long_conv). Everything is per channel, so
 # tensor parallelism splits the FFT convolution over channels; the output map is stored
 # (out, in) = (embed, channels).
+# Optimizer roles of the SSM sublayers' parameters (s4d, long_conv; gss reuses the names).
+SSM_OPTIM = {"log_dt": "ssm_dynamics", "log_A_re": "ssm_dynamics", "A_im": "ssm_dynamics", "C": "weight",
+             "weight": "conv_kernel", "D": "gain", "w_out": "weight", "b_out": "bias"}
 SSM_AXES = {"log_dt": ("channels",), "log_A_re": ("channels", "ssm_state"), "A_im": ("channels", "ssm_state"),
             "C": ("filters", "channels", "ssm_state", None), "weight": ("filters", "channels", None),
             "D": ("filters", "channels"), "w_out": ("embed", "channels"), "b_out": ("embed",)}

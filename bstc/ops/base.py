@@ -69,6 +69,47 @@ class ContextSpec:
 
 
 @dataclass(frozen=True)
+class OptimRole:
+    """How the optimizer treats one kind of parameter (see `ROLES` and `Op.optim`).
+
+    decay: AdamW/Adafactor weight decay applies to it.
+    lr_scale: multiplier of the run's learning rate (and of its schedule).
+    lr_cap: the learning rate never exceeds this: min(base, cap), as S4 trains A and dt.
+    An enclosing module's `lr_multiplier` field (a long-convolution kernel's `lr_mult`
+    argument) multiplies lr_scale further."""
+
+    name: str
+    decay: bool
+    lr_scale: float = 1.0
+    lr_cap: float | None = None
+    doc: str = ""
+
+    def lr_multiplier(self, base_lr: float) -> float:
+        m = self.lr_scale
+        if self.lr_cap is not None and base_lr > self.lr_cap:
+            m *= self.lr_cap / base_lr
+        return m
+
+
+# The optimizer roles a parameter can have. Decay regularises maps whose scale is free (weight
+# matrices); it is wrong for parameters whose scale *is* their meaning: gains, biases, learned
+# vectors fed in as tokens, and an SSM's dynamics, where decay pulls log-rates and steps
+# towards 0 and so changes the memory length (the S4/S4D reference keeps A and dt out of weight
+# decay and trains them with lr min(base, 1e-3)). Long-convolution kernels follow their
+# reference (Fu et al. 2023): no decay, their own learning rate.
+ROLES: dict[str, OptimRole] = {r.name: r for r in (
+    OptimRole("weight", True, doc="projection matrices (attention, MLP, SSM input/output maps and C)"),
+    OptimRole("embedding", False, doc="lookup tables and learned vectors used as inputs: token embedding "
+                                      "(and so a tied head), learned states, context IDs, first contexts"),
+    OptimRole("norm", False, doc="normalisation gains and biases"),
+    OptimRole("bias", False, doc="additive biases (projections, gates, relative-position biases)"),
+    OptimRole("gain", False, doc="per-channel scales such as an SSM's skip term D"),
+    OptimRole("ssm_dynamics", False, lr_cap=1e-3, doc="an SSM's A and step dt (log-parametrised)"),
+    OptimRole("conv_kernel", False, doc="explicit long-convolution kernels (lr scaled by the op's lr_mult)"),
+)}
+
+
+@dataclass(frozen=True)
 class Problem:
     """A semantic error found by an op's `check`; `arg` names the offending argument (for the caret)."""
 
@@ -88,6 +129,12 @@ class Op:
     # "mlp"), ...} (see `logical_axes`). Every shipped op declares them; None falls back to
     # guessing from the sizes, which is what a quickly written new op gets.
     axes: ClassVar[Mapping[str, tuple] | None] = None
+    # Optimizer role of the built module's parameters, by field name: {"w_in": "weight",
+    # "b_in": "bias", ...}, names from `ROLES`. Required: `register` refuses an op without it,
+    # and `param_roles` refuses a parameter whose field is missing, so no parameter is decayed
+    # or left undecayed by accident (a leaf's shape says nothing about its role, and stacking
+    # for lax.scan changes every shape).
+    optim: ClassVar[Mapping[str, str] | None] = None
 
     # ---- checking -------------------------------------------------------------------
     def check(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> list[Problem]:
@@ -162,6 +209,25 @@ def named_axes(module, table: Mapping[str, tuple]):
     return jax.tree_util.tree_map_with_path(axes, module)
 
 
+def named_roles(module, table: Mapping[str, str], kind: str = "?"):
+    """The `OptimRole` of every array leaf of `module` by the name of the field holding it
+    (nested modules included; stacked leaves keep their names, so scanning changes nothing).
+    A leaf whose field is not in `table` is an error: roles are never guessed."""
+    import jax
+    import jax.numpy as jnp
+
+    def role(path, a):
+        if not _is_arraylike(a) or not jnp.issubdtype(a.dtype, jnp.inexact):
+            return None  # not trained (the optimizer sees inexact arrays only)
+        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        if name not in table:
+            raise TypeError(f"layer kind {kind!r}: parameter '{name}' has no optimizer role; add it to the "
+                            f"op's `optim` table (one of {', '.join(ROLES)})")
+        return ROLES[table[name]]
+
+    return jax.tree_util.tree_map_with_path(role, module)
+
+
 def infer_logical_axes(shape, args: Mapping[str, Any], dims: Dims) -> tuple:
     """One logical name (or None) per dimension, by matching sizes; a name is used once per array."""
     def arg(name):
@@ -192,6 +258,13 @@ def register(cls):
     """Class decorator: register a singleton of an Op subclass under its `kind`."""
     if cls.kind in REGISTRY:
         raise ValueError(f"layer kind {cls.kind!r} registered twice")
+    if cls.optim is None:
+        raise TypeError(f"layer kind {cls.kind!r} declares no optimizer roles: give {cls.__name__} an "
+                        f"`optim` table (parameter field name -> one of {', '.join(ROLES)})")
+    unknown = sorted({r for r in cls.optim.values() if r not in ROLES})
+    if unknown:
+        raise TypeError(f"layer kind {cls.kind!r}: unknown optimizer role(s) {', '.join(unknown)} "
+                        f"(choose from {', '.join(ROLES)})")
     REGISTRY[cls.kind] = cls()
     return cls
 

@@ -200,6 +200,8 @@ class BlockAttention(Op):
     # (slots, embed).
     axes = {"wq": ("embed", "heads"), "wk": ("embed", "heads"), "wv": ("embed", "heads"), "wo": ("heads", "embed"),
             "ctx_first": (None, "embed"), "ctx_ids": (None, "embed")}
+    optim = {"wq": "weight", "wk": "weight", "wv": "weight", "wo": "weight",
+             "ctx_first": "embedding", "ctx_ids": "embedding"}  # learned context vectors are inputs
     accepts_context = True
     doc = "causal attention within blocks of `window` tokens, plus full attention to a context set"
     params = (

@@ -274,6 +274,12 @@ class BlockRecurrentOp(Op):
     kind = "brt"
     role = "attn"
     axes = BRT_AXES
+    # Learned initial state and state positions are inputs, like embeddings; gate kernels are
+    # matrices, gate biases biases (meliad keeps them small but non-zero).
+    optim = {**{k: "norm" for k in ("norm1", "norm2", "norm_s", "norm")},
+             **{k: "bias" for k in ("bias", "b_i", "b_f", "mlp_b1", "mlp_b2", "b1", "b2")},
+             **{k: "weight" for k in ("w_qkvq", "s_qkvq", "w_o", "s_o", "w_i", "w_f", "mlp_w1", "mlp_w2", "w1", "w2")},
+             "init_state": "embedding", "state_pos": "embedding"}
     params = (
         Param("window", int, doc="block length W (sliding window and recurrence step)"),
         Param("state", int, 0, min=0, doc="number of state vectors S (0 = window, as in the paper)"),

@@ -18,6 +18,7 @@ class DropoutLayer(eqx.Module, Positionwise):
 class Dropout(Op):
     kind = "dropout"
     role = "other"
+    optim = {}  # no parameters
     doc = "dropout"
     params = (Param("rate", float, 0.1, min=0.0, max=0.99),)
 

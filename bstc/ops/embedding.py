@@ -34,6 +34,7 @@ class Embedding(Op):
     kind = "embedding"
     role = "embed"
     axes = {"weight": ("vocab", "embed")}
+    optim = {"weight": "embedding"}
     doc = "token embedding"
     params = ()
 
@@ -58,6 +59,7 @@ class Head(Op):
     kind = "head"
     role = "embed"
     axes = {"weight": ("vocab", "embed")}
+    optim = {"weight": "weight"}  # untied: an output projection (tied: no parameter of its own)
     doc = "output projection to the vocabulary"
     params = (Param("tied", bool, False, doc="reuse the embedding matrix"),)
 

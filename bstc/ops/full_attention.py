@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, dense_init, dropout, fused_heads,
+from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, dense_init, dropout, fused_heads,
                               fused_init, heads_of, merge_heads)
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 
@@ -67,6 +67,7 @@ class FullAttentionOp(Op):
     kind = "full_attention"
     role = "attn"
     axes = ATTN_AXES
+    optim = ATTN_OPTIM
     params = (
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
         Param("rope", bool, True, doc="rotary position embedding on queries and keys"),

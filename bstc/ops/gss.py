@@ -90,6 +90,8 @@ class GatedStateSpaceOp(Op):
     axes = {"w_v": ("embed", "mlp"), "b_v": ("mlp",), "w_u": ("embed", None), "w_uc": (None, "mlp"),
             "b_uc": ("mlp",), "w_o": ("mlp", "embed"), "b_o": ("embed",), "log_A_re": (None, "ssm_state"),
             "A_im": (None, "ssm_state"), "C": (None, None, "ssm_state", None)}
+    optim = {**_ssm.SSM_OPTIM, "w_v": "weight", "w_u": "weight", "w_uc": "weight", "w_o": "weight",
+             "b_v": "bias", "b_u": "bias", "b_uc": "bias", "b_o": "bias"}
     params = (
         Param("state", int, 64, min=2, doc="N: S4D state size (N/2 complex modes); even"),
         Param("expand", int, 3, min=1, doc="gate width F = expand · d_model"),

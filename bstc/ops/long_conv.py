@@ -95,6 +95,7 @@ class LongConv(Op):
     kind = "long_conv"
     role = "ssm"
     axes = _ssm.SSM_AXES
+    optim = _ssm.SSM_OPTIM
     context_source = True
     doc = "unstructured SSM: explicit long-convolution kernels, smoothed and squashed"
     params = (

@@ -45,6 +45,7 @@ class MLP(Op):
     role = "mlp"
     axes = {"w_in": ("embed", "mlp"), "w_gate": ("embed", "mlp"), "w_out": ("mlp", "embed"), "b_in": ("mlp",),
             "b_out": ("embed",)}
+    optim = {"w_in": "weight", "w_gate": "weight", "w_out": "weight", "b_in": "bias", "b_out": "bias"}
     doc = "position-wise feed-forward network"
     params = (
         Param("hidden", int, min=1, doc="hidden width, e.g. 4 * d_model"),

@@ -40,6 +40,7 @@ class RMSNorm(Op):
     kind = "rms_norm"
     role = "norm"
     axes = NORM_AXES
+    optim = {"weight": "norm", "bias": "norm"}
     doc = "RMS normalisation with a learned scale"
     params = (Param("eps", float, 1e-6, min=0.0),)
 
@@ -58,6 +59,7 @@ class LayerNorm(Op):
     kind = "layer_norm"
     role = "norm"
     axes = NORM_AXES
+    optim = {"weight": "norm", "bias": "norm"}
     doc = "layer normalisation with learned scale and bias"
     params = (Param("eps", float, 1e-6, min=0.0),)
 

@@ -69,6 +69,7 @@ class S4D(Op):
     kind = "s4d"
     role = "ssm"
     axes = _ssm.SSM_AXES
+    optim = _ssm.SSM_OPTIM
     context_source = True
     doc = "diagonal state-space layer (S4D), causal FFT convolution over the whole sequence"
     params = (

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops._common import (ATTN_AXES, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
+from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads, check_window, dense_init,
                               dropout, fused_heads, fused_init, heads_of, merge_heads)
 
 
@@ -87,6 +87,7 @@ class SlidingAttentionOp(Op):
     kind = "sliding_attention"
     role = "attn"
     axes = ATTN_AXES
+    optim = ATTN_OPTIM
     params = (
         Param("window", int, doc="block length W: each block attends to the previous and the current block"),
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),

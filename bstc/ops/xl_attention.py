@@ -25,7 +25,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops._common import (ATTN_AXES, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
+from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
                               fused_heads, fused_init, heads_of, merge_heads, split_heads)
 
 NUM_BUCKETS = 32
@@ -127,6 +127,7 @@ class XLAttentionOp(Op):
     kind = "xl_attention"
     role = "attn"
     axes = ATTN_AXES
+    optim = ATTN_OPTIM
     params = (
         Param("window", int, doc="segment (block) length W"),
         Param("memory", int, 0, min=0, doc="memory length M in tokens (0 = window)"),
