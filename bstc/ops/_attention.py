@@ -10,14 +10,37 @@ from jaxtyping import Array, Bool, Float
 _NEG = -1e30
 
 
-def attend(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk H dh"], v: Float[Array, "... Tk H dh"],
+def scores(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk G dh"]) -> Float[Array, "... H Tq Tk"]:
+    """q·kᵀ in float32 (unscaled). k may have fewer heads than q (grouped-query attention, G | H):
+    query head h reads key head h // (H/G), the order `jnp.repeat(k, H // G, axis=-2)` gives,
+    computed per group so the keys are never repeated in memory."""
+    H, G = q.shape[-2], k.shape[-2]
+    if G == H:
+        return jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+    qg = q.reshape(*q.shape[:-2], G, H // G, q.shape[-1])
+    s = jnp.einsum("...qjgd,...kjd->...jgqk", qg, k, preferred_element_type=jnp.float32)
+    return s.reshape(*s.shape[:-4], H, *s.shape[-2:])
+
+
+def mix(w: Float[Array, "... H Tq Tk"], v: Float[Array, "... Tk G dh"]) -> Float[Array, "... Tq H dh"]:
+    """w·v per head; v may have fewer heads than w (grouped, as in `scores`)."""
+    H, G = w.shape[-3], v.shape[-2]
+    if G == H:
+        return jnp.einsum("...hqk,...khd->...qhd", w, v)
+    wg = w.reshape(*w.shape[:-3], G, H // G, *w.shape[-2:])
+    o = jnp.einsum("...jgqk,...kjd->...qjgd", wg, v)
+    return o.reshape(*o.shape[:-3], H, o.shape[-1])
+
+
+def attend(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk G dh"], v: Float[Array, "... Tk G dh"],
            mask: Bool[Array, "..."]) -> Float[Array, "... Tq H dh"]:
-    """softmax(q·kᵀ/√dh + mask)·v; mask broadcastable to (..., H, Tq, Tk)."""
+    """softmax(q·kᵀ/√dh + mask)·v; mask broadcastable to (..., H, Tq, Tk). k and v may have
+    G < H heads (grouped-query attention; see `scores`)."""
     scale = 1.0 / jnp.sqrt(jnp.float32(q.shape[-1]))
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = scores(q, k) * scale
     logits = jnp.where(mask, logits, _NEG)
     w = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("...hqk,...khd->...qhd", w.astype(v.dtype), v).astype(q.dtype)
+    return mix(w.astype(v.dtype), v).astype(q.dtype)
 
 
 def block_mask(window: int, n_context: int, causal_context: bool = False) -> Bool[Array, "W S+W"]:
@@ -42,7 +65,7 @@ def blockwise_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"]
     of W queries and S + W keys): the L×L logits are never built, so the cost is O(L·(S + W)·D)."""
     B, L, H, dh = q.shape
     nb = L // window
-    qb, kb, vb = (t.reshape(B, nb, window, H, dh) for t in (q, k, v))
+    qb, kb, vb = (t.reshape(B, nb, window, *t.shape[2:]) for t in (q, k, v))  # k, v: G ≤ H heads
     S = 0
     if ctx_k is not None:
         S = ctx_k.shape[2]

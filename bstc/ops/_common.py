@@ -37,6 +37,39 @@ def check_heads(args: Mapping[str, Any], dims: Dims) -> list[Problem]:
     return []
 
 
+def kv_heads_of(args: Mapping[str, Any], dims: Dims) -> int:
+    """`kv_heads: 0` means one key/value head per query head (standard multi-head attention)."""
+    g = int(args.get("kv_heads", 0) or 0)
+    return g if g > 0 else heads_of(args, dims)
+
+
+def check_kv_heads(args: Mapping[str, Any], dims: Dims) -> list[Problem]:
+    """Grouped-query attention: every group of heads/kv_heads query heads shares one K/V head."""
+    h, g = heads_of(args, dims), kv_heads_of(args, dims)
+    if h > 0 and h % g:
+        ok = ", ".join(str(d) for d in range(1, h + 1) if h % d == 0)
+        return [Problem(f"kv_heads ({g}) does not divide heads ({h})", "kv_heads",
+                        f"each K/V head serves heads/kv_heads query heads: choose one of {ok} "
+                        f"(1 = multi-query, {h} or 0 = one K/V head per head)")]
+    return []
+
+
+KV_HEADS_PARAM_DOC = "key/value heads (grouped-query attention; 0 = heads, 1 = multi-query); must divide heads"
+
+
+def grouped_axes(table: Mapping[str, tuple], args: Mapping[str, Any], dims: Dims,
+                 kv_fields: tuple[str, ...] = ("w_kv",)) -> Mapping[str, tuple]:
+    """The axes table of an attention op, with the K/V projections' output axis unsharded when
+    kv_heads < heads. Their kv_heads·dh columns need not split evenly over a tensor axis sized
+    for the query heads (kv_heads = 1 never does), and splitting inside a head would buy nothing:
+    the K/V projection is heads/kv_heads times narrower than q's, so it is replicated across the
+    tensor axis (Megatron does the same when tensor parallelism exceeds the K/V heads) while the
+    embed axis still follows its rule (fsdp)."""
+    if kv_heads_of(args, dims) == heads_of(args, dims):
+        return table
+    return {**table, **{f: tuple(table[f][:-1]) + (None,) for f in kv_fields}}
+
+
 def check_window(args: Mapping[str, Any], dims: Dims, name: str = "window") -> list[Problem]:
     w = int(args[name])
     if w <= 0:
@@ -64,6 +97,15 @@ def fused_heads(x: Float[Array, "*b D"], w: Float[Array, "D p E"], heads: int) -
     """The parts of a fused projection of x, each split into heads."""
     y = jnp.einsum("...d,dpe->...pe", x, w.astype(x.dtype))
     return [split_heads(y[..., i, :], heads) for i in range(w.shape[1])]
+
+
+def qkv_heads(x: Float[Array, "*b D"], w_qkv, w_q, w_kv, heads: int) -> list[Array]:
+    """q (…, H, dh), k and v (…, G, dh) of an attention layer stored either fused (w_qkv: D, 3, D;
+    G = H) or, with grouped-query attention, as w_q (D, D) and w_kv (D, 2, G·dh)."""
+    if w_qkv is not None:
+        return fused_heads(x, w_qkv, heads)
+    q = split_heads(x @ w_q.astype(x.dtype), heads)
+    return [q, *fused_heads(x, w_kv, w_kv.shape[-1] // q.shape[-1])]
 
 
 class Positionwise:

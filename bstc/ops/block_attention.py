@@ -32,14 +32,14 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from bstc.ops._attention import apply_rope, blockwise_attention
-from bstc.ops._common import SOFTMAX_FLOPS, dropout
+from bstc.ops._common import KV_HEADS_PARAM_DOC, SOFTMAX_FLOPS, check_kv_heads, dropout, grouped_axes, named_axes
 from bstc.ops.base import Op, Param, Problem, register
 
 
 class BlockAttentionLayer(eqx.Module):
     wq: Float[Array, "D D"]
-    wk: Float[Array, "D D"]
-    wv: Float[Array, "D D"]
+    wk: Float[Array, "D GK"]  # GK = kv_heads·dh (= D unless grouped-query attention)
+    wv: Float[Array, "D GK"]
     wo: Float[Array, "D D"]
     ctx_first: Float[Array, "S D"] | None  # block 0's learned context
     ctx_ids: Float[Array, "S D"] | None  # MF: learned context IDs
@@ -54,8 +54,12 @@ class BlockAttentionLayer(eqx.Module):
     context_block: str = eqx.field(static=True, default="previous")
 
     def _proj(self, x, w):
+        """(B, L, heads, dh) for wq; (B, L, kv_heads, dh) for wk and wv."""
         B, L, D = x.shape
-        return (x @ w.astype(x.dtype)).reshape(B, L, self.heads, D // self.heads)
+        return (x @ w.astype(x.dtype)).reshape(B, L, -1, D // self.heads)
+
+    def _kv_heads(self) -> int:
+        return self.wk.shape[1] // (self._d() // self.heads)
 
     def first_context(self, dtype):
         """Block 0's context (learned, or zeros): (S, D), or for mh (W, H, D), each head its copy."""
@@ -72,7 +76,7 @@ class BlockAttentionLayer(eqx.Module):
         if self.variant == "mh":
             wk, wv = (w.astype(dtype).reshape(D, H, D // H) for w in (self.wk, self.wv))
             return jnp.einsum("...whd,dhe->...whe", c, wk), jnp.einsum("...whd,dhe->...whe", c, wv)
-        return tuple((c @ w.astype(dtype)).reshape(*c.shape[:-1], H, D // H) for w in (self.wk, self.wv))
+        return tuple((c @ w.astype(dtype)).reshape(*c.shape[:-1], -1, D // H) for w in (self.wk, self.wv))
 
     def context_vectors(self, y, B: int, nb: int, dtype):
         """The context set of every block, before projection: (B, nb, S, D) or, for mh, (B, nb, W, H, D)."""
@@ -121,16 +125,17 @@ class BlockAttentionLayer(eqx.Module):
     # t mod W as it arrives, so no source outputs are kept.
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         W, H, D = self.window, self.heads, self._d()
-        kv = jnp.zeros((batch, W, H, D // H), dtype)
+        G = self._kv_heads()  # grouped-query attention caches G ≤ H key/value heads
+        kv = jnp.zeros((batch, W, G, D // H), dtype)
         cache = {"k": kv, "v": kv}
         if self.variant is None:
             return cache
         S = W if self.variant == "mh" else self.n_context
         if self.context_block == "own":
-            ckv = jnp.zeros((batch, W, H, D // H), dtype)
+            ckv = jnp.zeros((batch, W, G, D // H), dtype)
             return {**cache, "ck": ckv, "cv": ckv}
         src = {"sh": (batch, W, D), "mh": (batch, W, H, D), "mf": (batch, S, D)}[self.variant]
-        ckv = jnp.zeros((batch, S, H, D // H), dtype)
+        ckv = jnp.zeros((batch, S, G, D // H), dtype)
         return {**cache, "ck": ckv, "cv": ckv, "src": jnp.zeros(src, dtype)}
 
     def _block_context(self, src, k_block, dtype):
@@ -145,7 +150,7 @@ class BlockAttentionLayer(eqx.Module):
         B, D = x_t.shape
         W = self.window
         p = t % W
-        q, k, v = (self._proj(x_t[:, None], w)[:, 0] for w in (self.wq, self.wk, self.wv))  # (B, H, dh)
+        q, k, v = (self._proj(x_t[:, None], w)[:, 0] for w in (self.wq, self.wk, self.wv))  # (B, H|G, dh)
         if self.rope:
             q, k = (apply_rope(a[:, None], p[None])[:, 0] for a in (q, k))
         cache = {**cache, "k": cache["k"].at[:, p].set(k), "v": cache["v"].at[:, p].set(v)}
@@ -181,6 +186,12 @@ def _heads(args, dims) -> int:
     return args["heads"] or dims.heads
 
 
+def _kv_width(args, dims) -> int:
+    """Width of the K (and V) projection: kv_heads·dh, D without grouped-query attention."""
+    H = _heads(args, dims)
+    return dims.d_model // H * (args.get("kv_heads", 0) or H)
+
+
 def _learned_first(args, context) -> bool:
     """Whether block 0 gets learned context vectors: with an own-window context it has its own."""
     return context is not None and args["first_context"] == "learned" and args["context_block"] == "previous"
@@ -202,6 +213,11 @@ class BlockAttention(Op):
             "ctx_first": (None, "embed"), "ctx_ids": (None, "embed")}
     optim = {"wq": "weight", "wk": "weight", "wv": "weight", "wo": "weight",
              "ctx_first": "embedding", "ctx_ids": "embedding"}  # learned context vectors are inputs
+
+    def logical_axes(self, args, dims, context, module):
+        # With kv_heads < heads the K/V projections are replicated over the tensor axis (see
+        # _common.grouped_axes).
+        return named_axes(module, grouped_axes(self.axes, args, dims, ("wk", "wv")))
     accepts_context = True
     doc = "causal attention within blocks of `window` tokens, plus full attention to a context set"
     params = (
@@ -212,6 +228,7 @@ class BlockAttention(Op):
         Param("first_context", str, "learned", choices=("learned", "zero"), doc="block 0's context"),
         Param("context_block", str, "previous", choices=("previous", "own"),
               doc="block k's context: the source over block k−1, or over block k itself seen causally (sh, mh)"),
+        Param("kv_heads", int, 0, min=0, doc=KV_HEADS_PARAM_DOC),
     )
 
     def check(self, args, dims, context):
@@ -226,11 +243,23 @@ class BlockAttention(Op):
         elif args["rope"] and (dims.d_model // H) % 2:
             out.append(Problem(f"rope needs an even head width, got d_model/heads = {dims.d_model // H}", "rope",
                                "use `rope: false` or change heads"))
+        grouped = False
+        if not dims.d_model % H:
+            kv = check_kv_heads(args, dims)
+            out += kv
+            grouped = not kv and (args.get("kv_heads", 0) or H) < H
         if context is not None:
             F = context.filters
             if context.variant == "sh" and F != 1:
                 out.append(Problem(f"context variant 'sh' needs a source with 1 filter, but it has {F}", "context",
                                    "use `-> mf` for several filters, or give the source `filters: 1`"))
+            elif context.variant == "mh" and grouped:
+                # mh gives every head its own filter's keys and values; grouped K/V heads are
+                # shared by heads/kv_heads query heads, so there is no per-head key to give.
+                out.append(Problem(f"context variant 'mh' gives each head its own context keys and values, but "
+                                   f"kv_heads ({args['kv_heads']}) < heads ({H}) shares them between heads",
+                                   "kv_heads", "drop `kv_heads` (or set it to heads) with `-> mh`, or use the "
+                                   "`-> sh` or `-> mf` context"))
             elif context.variant == "mh" and F != H:
                 out.append(Problem(f"context variant 'mh' needs one source filter per head ({H}), but the source has {F}",
                                    "context", f"give the source `filters: {H}` (= heads)"))
@@ -252,7 +281,7 @@ class BlockAttention(Op):
     def param_count(self, args, dims, context):
         D = dims.d_model
         S = _n_context(args, dims, context)
-        n = 4 * D * D
+        n = 2 * D * D + 2 * D * _kv_width(args, dims)  # q, o; k, v
         if _learned_first(args, context):
             n += S * D
         if context is not None and context.variant == "mf":
@@ -261,26 +290,28 @@ class BlockAttention(Op):
 
     def flops_per_token(self, args, dims, context):
         D, W, H = dims.d_model, args["window"], _heads(args, dims)
+        DK = _kv_width(args, dims)
         S = _n_context(args, dims, context)
-        proj = 4 * 2 * D * D  # q, k, v, o
+        proj = 2 * 2 * D * D + 2 * 2 * D * DK  # q, o; k, v
         if context is not None:  # K/V of the context: S vectors per block of W tokens
-            proj += 2 * 2 * D * D * S / W
-        scores = 2 * 2 * D * (S + W)  # q·k and w·v over S + W keys
+            proj += 2 * 2 * D * DK * S / W
+        scores = 2 * 2 * D * (S + W)  # q·k and w·v over S + W keys, for every query head
         softmax = SOFTMAX_FLOPS * H * (S + W)
-        rope = 6.0 * D if args["rope"] else 0.0
+        rope = 3.0 * (D + DK) if args["rope"] else 0.0  # q and the block keys
         return proj + scores + softmax + rope
 
     def activation_bytes_per_token(self, args, dims, context):
         itemsize = 2 if dims.dtype == "bfloat16" else 4
         S = _n_context(args, dims, context)
         H = _heads(args, dims)
-        return (5 * dims.d_model) * itemsize + H * (S + args["window"]) * 4
+        return (3 * dims.d_model + 2 * _kv_width(args, dims)) * itemsize + H * (S + args["window"]) * 4
 
     def build(self, args, dims, context, *, key):
         D = dims.d_model
         H = _heads(args, dims)
         ks = jax.random.split(key, 6)
-        init = lambda k: jax.random.normal(k, (D, D)) / jnp.sqrt(D)  # noqa: E731
+        init = lambda k, n=D: jax.random.normal(k, (D, n)) / jnp.sqrt(D)  # noqa: E731
+        DK = _kv_width(args, dims)
         S = _n_context(args, dims, context)
         variant = context.variant if context is not None else None
         first = ids = None
@@ -288,7 +319,7 @@ class BlockAttention(Op):
             first = jax.random.normal(ks[4], (S, D)) * 0.02
         if variant == "mf":
             ids = jax.random.normal(ks[5], (S, D)) * 0.02
-        return BlockAttentionLayer(wq=init(ks[0]), wk=init(ks[1]), wv=init(ks[2]), wo=init(ks[3]) / jnp.sqrt(2.0),
+        return BlockAttentionLayer(wq=init(ks[0]), wk=init(ks[1], DK), wv=init(ks[2], DK), wo=init(ks[3]) / jnp.sqrt(2.0),
                                    ctx_first=first, ctx_ids=ids, window=int(args["window"]), heads=H,
                                    rope=bool(args["rope"]), dropout=float(args["dropout"]), variant=variant,
                                    n_context=S, context_block=str(args["context_block"]))

@@ -25,8 +25,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
-from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, SOFTMAX_FLOPS, check_heads, check_window, dense_init, dropout,
-                              fused_heads, fused_init, heads_of, merge_heads, split_heads)
+from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, KV_HEADS_PARAM_DOC, SOFTMAX_FLOPS, check_heads, check_kv_heads,
+                              check_window, dense_init, dropout, fused_heads, fused_init, grouped_axes, heads_of,
+                              kv_heads_of, merge_heads, named_axes, split_heads)
 
 NUM_BUCKETS = 32
 
@@ -61,19 +62,22 @@ def xl_layout(window: int, memory: int, n_blocks: int):
 
 def attend_with_bias(q: Float[Array, "*b Tq H dh"], k: Float[Array, "*b Tk H dh"], v: Float[Array, "*b Tk H dh"],
                      mask: Bool[Array, "..."], bias: Float[Array, "H Tq Tk"]) -> Float[Array, "*b Tq H dh"]:
-    """Softmax attention with an additive bias (bstc.ops._attention.attend takes none); f32 softmax."""
-    logits = jnp.einsum("...qhd,...khd->...hqk", q, k, preferred_element_type=jnp.float32)
+    """Softmax attention with an additive bias (bstc.ops._attention.attend takes none); f32 softmax.
+    k and v may have fewer heads than q (grouped-query attention, see `_attention.scores`)."""
+    from bstc.ops._attention import mix, scores
+
+    logits = scores(q, k)
     logits = logits * q.shape[-1] ** -0.5 + bias
     logits = jnp.where(mask, logits, -1e30)
     p = jax.nn.softmax(logits, axis=-1)
-    return jnp.einsum("...hqk,...khd->...qhd", p.astype(v.dtype), v)
+    return mix(p.astype(v.dtype), v)
 
 
 class XLAttention(eqx.Module):
     """x (B, L, D) -> attention over [stop-gradient memory of M tokens; current block] (B, L, D)."""
 
     w_q: Float[Array, "D D"]
-    w_kv: Float[Array, "D 2 D"]  # (in, k|v, out): see fused_init
+    w_kv: Float[Array, "D 2 GK"]  # (in, k|v, out): see fused_init; GK = kv_heads·dh (= D by default)
     w_o: Float[Array, "D D"]
     rel_bias: Float[Array, "buckets H"]
     heads: int = eqx.field(static=True)
@@ -82,17 +86,21 @@ class XLAttention(eqx.Module):
     rate: float = eqx.field(static=True)
     stop_memory_grad: bool = eqx.field(static=True, default=True)  # False only in tests (the contrast)
 
+    def _kv_heads(self) -> int:
+        return self.w_kv.shape[-1] // (self.w_q.shape[-1] // self.heads)
+
     def __call__(self, x: Float[Array, "B L D"], *, context=None, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "B L D"]:
         B, L, D = x.shape
         W, M, H, nb = self.window, self.memory, self.heads, L // self.window
+        G = self._kv_heads()
         mem_pos, mem_ok, buckets, causal = xl_layout(W, M, nb)
         q = split_heads(x @ self.w_q.astype(x.dtype), H).reshape(B, nb, W, H, -1)  # (B, nb, W, H, dh)
-        k, v = (t.reshape(B, nb, W, H, -1) for t in fused_heads(x, self.w_kv, H))
+        k, v = (t.reshape(B, nb, W, G, -1) for t in fused_heads(x, self.w_kv, G))  # G ≤ H K/V heads
         # The memory: keys/values from the stop-gradient input (weights still get gradients).
         xm = jax.lax.stop_gradient(x) if self.stop_memory_grad else x
         xm = xm[:, mem_pos.reshape(-1)]  # (B, nb·M, D): the M tokens before each block
-        km, vm = (t.reshape(B, nb, M, H, -1) for t in fused_heads(xm, self.w_kv, H))
+        km, vm = (t.reshape(B, nb, M, G, -1) for t in fused_heads(xm, self.w_kv, G))
         k = jnp.concatenate([km, k], axis=2)  # (B, nb, M+W, H, dh)
         v = jnp.concatenate([vm, v], axis=2)
         ok = np.concatenate([mem_ok, np.ones((nb, W), bool)], axis=1)  # (nb, M+W)
@@ -106,14 +114,14 @@ class XLAttention(eqx.Module):
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         from bstc.ops._attention import ring_cache
 
-        return ring_cache(batch, self.memory + self.window, self.heads, self.w_o.shape[0] // self.heads, dtype)
+        return ring_cache(batch, self.memory + self.window, self._kv_heads(), self.w_o.shape[0] // self.heads, dtype)
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
         from bstc.ops._attention import ring_push, ring_visible
 
         W, M, H = self.window, self.memory, self.heads
         q = split_heads(x_t @ self.w_q.astype(x_t.dtype), H)[:, None]  # (B, 1, H, dh)
-        k, v = fused_heads(x_t, self.w_kv, H)
+        k, v = fused_heads(x_t, self.w_kv, self._kv_heads())
         cache = ring_push(cache, k, v, t)
         visible = ring_visible(cache, (t // W) * W - M, t)  # the M tokens before the block, the block up to t
         buckets = t5_buckets(t - cache["pos"], NUM_BUCKETS, M + W - 1, xp=jnp)
@@ -133,34 +141,43 @@ class XLAttentionOp(Op):
         Param("memory", int, 0, min=0, doc="memory length M in tokens (0 = window)"),
         Param("heads", int, 0, min=0, doc="attention heads (0 = the model's heads)"),
         Param("dropout", float, 0.0, min=0.0, max=1.0, doc="dropout on the attention output"),
+        Param("kv_heads", int, 0, min=0, doc=KV_HEADS_PARAM_DOC),
     )
     doc = ("Transformer-XL attention: each block attends causally to itself and to a stop-gradient memory "
            "of the previous M tokens, with T5 relative position biases; O(L·(M+W)).")
 
     def check(self, args, dims: Dims, context: ContextSpec | None) -> list[Problem]:
-        out = check_heads(args, dims) + check_window(args, dims)
+        out = (check_heads(args, dims) or check_kv_heads(args, dims)) + check_window(args, dims)
         if int(args.get("memory", 0) or 0) > dims.seq_len:
             out.append(Problem(f"memory ({args['memory']}) is longer than seq_len ({dims.seq_len})", "memory"))
         return out
 
+    def logical_axes(self, args, dims: Dims, context, module):
+        return named_axes(module, grouped_axes(self.axes, args, dims))
+
     def param_count(self, args, dims: Dims, context) -> int:
-        return 4 * dims.d_model * dims.d_model + NUM_BUCKETS * heads_of(args, dims)
+        D, H = dims.d_model, heads_of(args, dims)
+        DK = D // H * kv_heads_of(args, dims)  # width of k (and of v)
+        return 2 * D * D + 2 * D * DK + NUM_BUCKETS * H
 
     def flops_per_token(self, args, dims: Dims, context) -> float:
         D, W, H, M = dims.d_model, int(args["window"]), heads_of(args, dims), memory_of(args, dims)
+        DK = D // H * kv_heads_of(args, dims)
         # q, k, v, out for the block, plus k, v again for the memory (M per block of W tokens).
-        proj = 2 * D * 4 * D + 2 * D * 2 * D * M / W
+        proj = 2 * D * (2 * D + 2 * DK) + 2 * D * 2 * DK * M / W
         attn = 2 * (M + W) * D * 2 + (SOFTMAX_FLOPS + 1) * H * (M + W)  # +1: the bias add
         return float(proj + attn)
 
     def activation_bytes_per_token(self, args, dims: Dims, context) -> float:
         item = 2 if dims.dtype == "bfloat16" else 4
         M, W = memory_of(args, dims), int(args["window"])
-        return (4 + 2 * M / W) * dims.d_model * item + heads_of(args, dims) * (M + W) * 4
+        DK = dims.d_model // heads_of(args, dims) * kv_heads_of(args, dims)
+        return (2 * dims.d_model + (2 + 2 * M / W) * DK) * item + heads_of(args, dims) * (M + W) * 4
 
     def build(self, args, dims: Dims, context, *, key):
         D, H = dims.d_model, heads_of(args, dims)
         k1, k2, k3 = jax.random.split(key, 3)
-        return XLAttention(dense_init(k1, D, D), fused_init(k2, D, 2, D), dense_init(k3, D, D),
+        DK = D // H * kv_heads_of(args, dims)  # with kv_heads = heads, DK = D: the layout is unchanged
+        return XLAttention(dense_init(k1, D, D), fused_init(k2, D, 2, DK), dense_init(k3, D, D),
                            jnp.zeros((NUM_BUCKETS, H), jnp.float32), H, int(args["window"]),
                            memory_of(args, dims), float(args.get("dropout", 0.0)))
