@@ -94,9 +94,14 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
         residual = _universal(universal, "residual", sub.name not in consumed, (True, False), errors)
         shape = op.out_shape(args, dims)
         if residual and not shallow and tuple(shape) != ("B", dims.seq_len, dims.d_model):
-            errors.error(sub.span, f"sublayer '{sub.name}' outputs {ir.fmt_shape(shape)}, which cannot join the "
-                         f"residual stream ({ir.fmt_shape(('B', dims.seq_len, dims.d_model))})",
-                         "feed it to block_attention with a context edge, or give it `filters: 1`")
+            span, hint = sub.span, "feed it to block_attention with a context edge, or give it `filters: 1`"
+            width = getattr(op, "width_arg", None)  # the argument that sets the output width, if any
+            if width and len(shape) == 3:
+                if width in sub.args and sub.args[width].span is not None:
+                    span = sub.args[width].span
+                hint = f"only a d_model-wide output joins the residual stream: use `{width}: 0` (= d_model)"
+            errors.error(span, f"sublayer '{sub.name}' outputs {ir.fmt_shape(shape)}, which cannot join the "
+                         f"residual stream ({ir.fmt_shape(('B', dims.seq_len, dims.d_model))})", hint)
         subs.append(ir.Sublayer(sub.name, sub.kind, tuple(sorted(args.items())), norm, placement, bool(residual),
                                 ctx, tuple(shape), span=sub.span,
                                 arg_spans=tuple((k, a.span) for k, a in sub.args.items())))
