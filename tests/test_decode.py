@@ -132,6 +132,39 @@ def test_own_window_context_decodes_like_the_forward_pass():
     assert_decode_equals_forward(model, 96)
 
 
+MAMBA_CONTEXT = """
+model mamba_ctx {
+  vocab = 256; d_model = 32; heads = 4; window = 8; seq_len = 32
+  block sh {
+    ssm  = mamba(state: 8, head_dim: 16, chunk: 16)
+    attn = block_attention(window: window, context: ssm -> sh)
+    mlp  = mlp(hidden: 48)
+  }
+  block mh {
+    ssm  = mamba(state: 8, head_dim: 16, chunk: 16, filters: heads, conv: 2)
+    attn = block_attention(window: window, context: ssm -> mh)
+  }
+  block mf {
+    ssm  = mamba(state: 8, head_dim: 16, chunk: 16, filters: 3, gate_norm: false)
+    attn = block_attention(window: window, context: ssm -> mf, rope: false)
+  }
+  block own {
+    ssm  = mamba(state: 8, head_dim: 16, chunk: 16)
+    attn = block_attention(window: window, context: ssm -> sh, context_block: own)
+  }
+  layers { embed; sh; mh; mf; repeat 2 { own }; norm rms; head tied }
+}
+"""
+
+
+def test_mamba_context_source_decodes_like_the_forward_pass():
+    """A selective SSM (conv window + state) as the SH, MH, MF and own-window context source,
+    at three times seq_len (the forward pass pads to a whole number of chunks)."""
+    model = bstc.load(MAMBA_CONTEXT, key=jax.random.key(7))
+    assert decode.decodable(model) == (True, "")
+    assert_decode_equals_forward(model, 96)
+
+
 def assert_close_in_bf16(model, length: int):
     tokens = jax.random.randint(jax.random.key(2), (2, length), 0, 256)
     ref, got = np.asarray(model(tokens)), np.asarray(decode.decode_logits(model, tokens))

@@ -57,10 +57,10 @@ def model_text(subs: list[str], norm: str = "rms", tied: bool = False) -> str:
 
 # The expectations, written independently of the ops' tables: names of the parameters that
 # must not be decayed, and those whose learning rate is min(base, 1e-3) (S4's A and dt).
-DYNAMICS = {"log_dt", "log_A_re", "A_im"}
+DYNAMICS = {"log_dt", "log_A_re", "A_im", "A_log", "dt_bias"}  # S4D; Mamba-2 (A, step bias)
 NO_DECAY = DYNAMICS | {"D", "bias", "b_i", "b_f", "b1", "b2", "mlp_b1", "mlp_b2", "b_in", "b_out", "b_v", "b_u",
                        "b_uc", "b_o", "rel_bias", "norm", "norm1", "norm2", "norm_s", "init_state", "state_pos",
-                       "ctx_first", "ctx_ids"}
+                       "ctx_first", "ctx_ids", "conv_x_bias", "conv_bc_bias", "gate_norm"}
 
 
 def expected(owner: str, field: str, lr: float, kernel_mult: float) -> tuple[bool, float]:
