@@ -16,7 +16,6 @@ exactly as the lowering builds them.
 from __future__ import annotations
 
 import json
-import math
 import os
 import platform
 import statistics
@@ -296,17 +295,6 @@ def plot_layers(results: list[Result], path: Path, title: str) -> None:
 # ---- a whole model's training step -------------------------------------------------------------------
 
 
-def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
-    """The best FLOP/s of a jitted f32 n×n matmul on this machine: the denominator of MFU."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    jax.block_until_ready(f(a))
-    best, t_end = math.inf, time.perf_counter() + seconds
-    while time.perf_counter() < t_end or best == math.inf:
-        best = min(best, _timed(f, a))
-    return 2.0 * n**3 / best
-
-
 def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool = True, lr: float = 1e-3) -> dict:
     import optax
 
@@ -346,6 +334,8 @@ def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool =
         jax.block_until_ready(loss)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss))
+    from bstc.runtime.metrics import measure_matmul_peak
+
     peak = measure_matmul_peak()
     step_s = statistics.median(times)
     tps = batch * L / step_s

@@ -16,12 +16,6 @@ app = typer.Typer(
 )
 
 
-def fail(message: str, code: int = 2) -> None:
-    """A one-line error for CLI misuse, then exit."""
-    typer.echo(f"bstc: error: {message}", err=True)
-    raise typer.Exit(code)
-
-
 # Sub-command groups defined in other modules register themselves here. Each module has a
 # `register(app)` function; keeping them apart lets the compiler, runtime and benchmarks grow
 # independently.

@@ -15,17 +15,13 @@ SET_HELP = "Override a top-level model parameter before checking, e.g. --set d_m
 
 
 def parse_sets(sets: list[str] | None) -> dict[str, str]:
-    """`--set k=v` pairs → {k: 'v'}; values are expressions parsed by the checker."""
-    out = {}
-    for s in sets or []:
-        if "=" not in s:
-            raise typer.BadParameter(f"--set expects name=value, got {s!r}")
-        k, v = s.split("=", 1)
-        k, v = k.strip(), v.strip()
-        if not k.isidentifier() or not v:
-            raise typer.BadParameter(f"--set expects name=value, got {s!r}")
-        out[k] = v
-    return out
+    """`--set k=v` pairs → {k: 'v'} (`bstc.frontend.parse_set_items`, shared by every command)."""
+    from bstc.frontend import parse_set_items
+
+    try:
+        return parse_set_items(sets)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def _color() -> bool:

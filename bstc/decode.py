@@ -59,11 +59,6 @@ def _block_cache(block: Block, batch: int, dtype, length: int | None) -> tuple:
                   sub.op.init_cache(batch, dtype, length)) for sub in block.subs)
 
 
-def _unstacked(tree):
-    """Layer 0 of a scanned unit: caches depend only on shapes, the same for every layer."""
-    return jax.tree.map(lambda a: a[0] if eqx.is_array(a) else a, tree)
-
-
 def init_caches(model: LoweredModel, batch: int, length: int | None = None) -> tuple:
     """One cache per stage (a stacked one for a scanned stage, one per occurrence of a shared
     block). `length`: how many tokens will be decoded (full attention caches that many)."""
@@ -71,8 +66,10 @@ def init_caches(model: LoweredModel, batch: int, length: int | None = None) -> t
     out = []
     for stage in model.stages:
         if isinstance(stage, Scanned):
-            unit = tuple(_block_cache(_unstacked(b), batch, dt, length) for b in stage.unit)
-            out.append(jax.tree.map(lambda a: jnp.broadcast_to(a, (stage.count,) + a.shape), unit))
+            # Layer by layer: a cache may start from learned parameters (a BRT's initial state),
+            # so layer 0's cache broadcast to the others would be wrong.
+            unit = tuple(eqx.filter_vmap(lambda b: _block_cache(b, batch, dt, length))(b) for b in stage.unit)
+            out.append(unit)
         elif isinstance(stage, SharedRef):
             out.append(_block_cache(model.shared[stage.group], batch, dt, length))
         else:

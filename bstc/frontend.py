@@ -70,3 +70,19 @@ def parse(source, overrides=None) -> ir.Model:
     if model is None:  # defensive: a failed pass must have said why
         raise BstcError([], {})
     return model
+
+
+def parse_set_items(items) -> dict[str, str]:
+    """`--set NAME=VALUE` items → {NAME: "VALUE"}, for every command alike. Values stay text:
+    the checker parses them as expressions of the model language (`4 * 64`, `bfloat16`, `sh`),
+    where they are located and reported like any model-file error; no other parser (YAML's
+    `on` → True, `0x10` → 16) gets a say. Raises ValueError for an item that is not NAME=VALUE."""
+    out: dict[str, str] = {}
+    for item in items or []:
+        name, sep, value = str(item).partition("=")
+        name, value = name.strip(), value.strip()
+        if not sep or not name.isidentifier() or not value:
+            raise ValueError(f"--set expects NAME=VALUE, got '{item}'")
+        out[name] = value
+    return out
+

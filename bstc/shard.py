@@ -109,69 +109,18 @@ def _unstacked(module):
 
 
 def _component_axes(op, args, dims, ctx, module, stacked: bool) -> dict[str, tuple]:
-    """keystr (inside `module`) → logical names, from the op (with 'layers' prepended if stacked)."""
-    from bstc.ops.base import infer_logical_axes
-    from bstc.passes.mesh import LOGICAL_AXES
-
+    """keystr (inside `module`) → logical names, from the op's `axes` table (with 'layers'
+    prepended if stacked). Every layer kind declares its axes; a parameter missing from the
+    table is an error (bstc.ops.base.named_axes), never a silent replication."""
     view = _unstacked(module) if stacked else module
-    try:
-        axes = op.logical_axes(args, dims, ctx, view)
-    except Exception:  # noqa: BLE001 - an op's own rule failing must not stop a run: infer instead
-        axes = None
+    axes = op.logical_axes(args, dims, ctx, view)
+    given = {jax.tree_util.keystr(p): v for p, v in jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0]}
     out: dict[str, tuple] = {}
-    arrays = jax.tree_util.tree_flatten_with_path(view, is_leaf=lambda x: _arraylike(x))[0]
-    given = {}
-    if axes is not None:
-        given = {jax.tree_util.keystr(p): v for p, v in
-                 jax.tree_util.tree_flatten_with_path(axes, is_leaf=_is_names)[0]}
-    from bstc.ops.base import Op
-
-    own_rule = op.axes is not None or type(op).logical_axes is not Op.logical_axes
-    for p, a in arrays:
-        if not _arraylike(a):
-            continue
-        k = jax.tree_util.keystr(p)
-        names = given.get(k)
-        if names is None or len(names) != len(a.shape) or any(n is not None and n not in LOGICAL_AXES for n in names):
-            names = infer_logical_axes(a.shape, args, dims)
-        if not own_rule:
-            names = _role_axes(op.role, p, tuple(a.shape), dims, names)
-        out[k] = (("layers",) if stacked else ()) + tuple(names)
+    for p, a in jax.tree_util.tree_flatten_with_path(view, is_leaf=_arraylike)[0]:
+        if _arraylike(a):
+            k = jax.tree_util.keystr(p)
+            out[k] = (("layers",) if stacked else ()) + tuple(given[k])
     return out
-
-
-_OUT_PROJ = ("o", "wo", "w_o", "out", "w_out", "o_proj", "out_proj", "proj_out", "w_proj")
-
-
-def _role_axes(role: str, path, shape: tuple, dims, names: tuple) -> tuple:
-    """Refine size-inferred names for ops that give none, by role.
-
-    * attention projections are stored (in, out): the input projections (q, k, v, fused qkv)
-      are (embed, heads·kv) and the output projection (heads·kv, embed), so tensor parallelism
-      splits them by heads (Megatron's column- then row-parallel pair);
-    * SSM / long-convolution parameters are per channel: their width axis is `channels`, so the
-      FFT convolution runs split over channels (square projections stay (embed, ·))."""
-    if role == "ssm":
-        square = len(shape) == 2 and shape[0] == shape[1] == dims.d_model
-        if square:  # the output map after the convolution, stored (out, in) (used as y @ w_out.T)
-            return ("embed", "channels")
-        return tuple("channels" if n == "embed" else n for n in names)
-    if role != "attn" or len(shape) != 2:
-        return names
-    leaf = ""
-    for k in reversed(path):
-        name = getattr(k, "name", None) or getattr(k, "key", None)
-        if isinstance(name, str):
-            leaf = name.lower()
-            break
-    D = dims.d_model
-    if leaf in _OUT_PROJ and shape[1] == D and shape[0] % D == 0:
-        return ("heads", "embed")
-    if shape[0] == D and shape[1] % D == 0 and names[1] in (None, "embed"):
-        return ("embed", "heads")
-    if shape[1] == D and shape[0] != D:  # learned vectors (context slots, memory): (slots, embed)
-        return (None, "embed")
-    return names
 
 
 @dataclass
@@ -799,9 +748,6 @@ class Sharded:
     def jit_step(self, step: Callable, state, batch_ndim: int = 2, batch_dim: int = 0, donate: bool = True):
         bsh = self.batch_sharding(batch_ndim, batch_dim)
         return sharded_step(step, self.mesh, self.plan, self.shardings(state), bsh, donate=donate)
-
-    def constrain_activations(self):
-        return activate(self.mesh, self.plan)
 
     def data_shard(self, global_rows: int, ndim: int = 3, batch_dim: int = 1) -> tuple[int, int]:
         """(index, count): this process reads every count-th example starting at index, so the

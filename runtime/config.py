@@ -127,16 +127,13 @@ class RunConfig:
         return dataclasses.replace(self, **changes)
 
 
-def parse_sets(items: list[str] | None) -> dict[str, Any]:
-    """`--set d_model=128 --set dtype=bfloat16` -> {"d_model": 128, "dtype": "bfloat16"}."""
-    out: dict[str, Any] = {}
-    for item in items or []:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key or not key.replace("_", "").replace(".", "").isalnum():
-            raise UsageError(f"--set expects KEY=VALUE, got '{item}'")
-        try:
-            out[key] = yaml.safe_load(value) if value.strip() else ""
-        except yaml.YAMLError:
-            out[key] = value
-    return out
+def parse_sets(items: list[str] | None) -> dict[str, str]:
+    """`--set d_model=128 --set dtype=bfloat16` -> {"d_model": "128", "dtype": "bfloat16"}: the
+    values are expressions of the model language, parsed by the checker as for every command
+    (`bstc.frontend.parse_set_items`)."""
+    from bstc.frontend import parse_set_items
+
+    try:
+        return parse_set_items(items)
+    except ValueError as e:
+        raise UsageError(str(e)) from None

@@ -102,3 +102,21 @@ class ProgressBar:
     def print(self, *args, **kw) -> None:
         if self.enabled:
             self.console.print(*args, **kw)
+
+
+def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
+    """The best FLOP/s of a jitted f32 n×n matmul on this machine: the denominator of MFU (the
+    trainer's progress bar and `bstc bench model`)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    jax.block_until_ready(f(a))
+    best, t_end = math.inf, time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == math.inf:
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        best = min(best, time.perf_counter() - t0)
+    return 2.0 * n**3 / best
+

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -128,7 +127,3 @@ def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
         overrides=dict(overrides),
         flops_per_token=flops,
     )
-
-
-def fingerprint_of(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

@@ -28,7 +28,8 @@ from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
-from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte
+from bstc.lower import count_params
+from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, measure_matmul_peak
 from bstc.runtime.model import ModelSpec
 from bstc.runtime.optim import lr_multipliers, make_optimizer, make_schedule  # noqa: F401 - re-exported
 
@@ -150,23 +151,6 @@ class RunResult:
     val: dict[str, float] | None = None
 
 
-def count_params(model) -> int:
-    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
-
-
-def measure_peak_flops(seconds: float = 0.3) -> float:
-    """A matmul's achieved FLOP/s on this machine: the denominator of MFU."""
-    n = 1024
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    t0, reps = time.perf_counter(), 0
-    while time.perf_counter() - t0 < seconds:
-        f(a).block_until_ready()
-        reps += 1
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
-
-
 class _Signals:
     """SIGINT/SIGTERM set a flag that the loop checks after each step; a second SIGINT aborts."""
 
@@ -257,7 +241,7 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
               f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
               (f" (resuming at step {start})" if start else "") + (f" · {sh.describe()}" if sh else ""))
-    peak = measure_peak_flops() if spec.flops_per_token and progress else None
+    peak = measure_matmul_peak(n=1024, seconds=0.3) if spec.flops_per_token and progress else None
 
     log_dir = run_dir  # multi-host: process 0 writes the run's metrics, the others their own
     if jax.process_index() > 0:

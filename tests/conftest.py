@@ -65,3 +65,51 @@ def zoo_paths():
 @pytest.fixture
 def tiny():
     return tiny_overrides
+
+
+# ---- one small model per registered layer kind (the contract and optimizer-role tests) ----------
+STRUCTURAL_KINDS = {"embedding", "head", "rms_norm", "layer_norm"}  # every model has them
+
+
+def _kind_sublayers(kind: str) -> list[str]:
+    from bstc.ops import REGISTRY
+
+    if kind == "block_attention":
+        return ["attn = block_attention(window: window)"]
+    fill = {"window": "window: window", "hidden": "hidden: 32"}
+    args = ", ".join(fill.get(p.name, f"{p.name}: 8") for p in REGISTRY[kind].params if p.required)
+    return [f"x = {kind}({args})"]
+
+
+def kind_cases() -> list[list[str]]:
+    """Block bodies that together use every registered kind: each non-structural kind alone,
+    and every context source feeding block attention in each context variant (sh, mh, mf)."""
+    from bstc.ops import REGISTRY
+
+    out = [_kind_sublayers(k) for k in sorted(REGISTRY) if k not in STRUCTURAL_KINDS]
+    for src in sorted(k for k, op in REGISTRY.items() if op.context_source):
+        for variant, filters in (("sh", 1), ("mh", 2), ("mf", 4)):
+            out.append([f"src = {src}(filters: {filters})",
+                        f"attn = block_attention(window: window, context: src -> {variant})"])
+    return out
+
+
+def kind_case_id(subs: list[str]) -> str:
+    kinds = "+".join(x.split("=")[1].split("(")[0].strip() for x in subs)
+    return kinds + ("-" + subs[-1].split("-> ")[1].split(")")[0].split(",")[0] if "->" in subs[-1] else "")
+
+
+def kind_model_text(subs: list[str], norm: str = "rms", tied: bool = False, repeat: int = 3) -> str:
+    body = "\n    ".join(subs)
+    return f"""model m {{
+  vocab = 64
+  d_model = 16
+  heads = 2
+  window = 8
+  seq_len = 32
+  block b {{
+    {body}
+  }}
+  layers {{ embed; repeat {repeat} {{ b }}; norm {norm}; head {'tied' if tied else 'untied'} }}
+}}
+"""

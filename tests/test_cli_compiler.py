@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import typer
@@ -193,3 +194,20 @@ def test_each_subcommand_has_help(run, command):
     assert res.exit_code == 0, res.output
     assert "Usage" in res.output and command in res.output
     assert "Traceback" not in res.output
+
+
+def test_set_means_the_same_in_every_command():
+    """`--set` values are expressions of the model language for train/eval as for
+    explain/compile/bench: one parser, no YAML coercion (`on` → True, `0x10` → 16)."""
+    from bstc.commands import parse_sets as compiler_sets
+    from bstc.runtime.config import parse_sets as runtime_sets
+    from bstc.runtime.errors import UsageError
+
+    items = ["d_model=2 * 64", "act=on", "window=0x10", "dtype = bfloat16"]
+    assert compiler_sets(items) == runtime_sets(items) == {
+        "d_model": "2 * 64", "act": "on", "window": "0x10", "dtype": "bfloat16"}
+    m = bstc.parse(str(Path(__file__).resolve().parent.parent / "models" / "bst_sh_s4.bst"),
+                   overrides=runtime_sets(["d_model=2 * 64"]))
+    assert m.dims.d_model == 128
+    with pytest.raises(UsageError, match="NAME=VALUE"):
+        runtime_sets(["d_model"])

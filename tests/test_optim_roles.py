@@ -9,50 +9,15 @@ import numpy as np
 import pytest
 
 import bstc
-from bstc.lower import Sub, param_roles
+from bstc.lower import Sub
 from bstc.ops import REGISTRY
 from bstc.ops.base import Op, OptimRole, register
 from bstc.runtime.config import RunConfig
 from bstc.runtime.optim import decay_mask, lr_multipliers, make_optimizer
+from conftest import STRUCTURAL_KINDS as STRUCTURAL, kind_case_id, kind_cases, kind_model_text
 
-STRUCTURAL = {"embedding", "head", "rms_norm", "layer_norm"}  # every model has them
-
-
-def sublayers(kind: str) -> list[str]:
-    """Model-text sublayers exercising `kind` (context consumers with each context variant)."""
-    if kind == "block_attention":
-        return ["attn = block_attention(window: window)"]
-    args = ", ".join({"window": "window: window", "hidden": "hidden: 32"}[p.name]
-                     for p in REGISTRY[kind].params if p.required)
-    return [f"x = {kind}({args})"]
-
-
-def context_blocks() -> list[list[str]]:
-    out = []
-    for src in sorted(k for k, op in REGISTRY.items() if op.context_source):
-        for variant, filters in (("sh", 1), ("mh", 2), ("mf", 4)):
-            out.append([f"src = {src}(filters: {filters})",
-                        f"attn = block_attention(window: window, context: src -> {variant})"])
-    return out
-
-
-CASES = [sublayers(k) for k in sorted(REGISTRY) if k not in STRUCTURAL] + context_blocks()
-
-
-def model_text(subs: list[str], norm: str = "rms", tied: bool = False) -> str:
-    body = "\n    ".join(subs)
-    return f"""model m {{
-  vocab = 64
-  d_model = 16
-  heads = 2
-  window = 8
-  seq_len = 32
-  block b {{
-    {body}
-  }}
-  layers {{ embed; repeat 3 {{ b }}; norm {norm}; head {'tied' if tied else 'untied'} }}
-}}
-"""
+CASES = kind_cases()
+model_text = kind_model_text
 
 
 # The expectations, written independently of the ops' tables: names of the parameters that
@@ -95,8 +60,7 @@ def leaf_table(model, lr: float) -> list[tuple]:
     return rows
 
 
-@pytest.mark.parametrize("subs", CASES, ids=lambda s: "+".join(x.split("=")[1].split("(")[0].strip() for x in s)
-                         + ("-" + s[-1].split("-> ")[1].rstrip(")") if "->" in s[-1] else ""))
+@pytest.mark.parametrize("subs", CASES, ids=kind_case_id)
 def test_decay_and_learning_rate_leaf_by_leaf(subs):
     text = model_text(subs)
     lr = 4e-3

@@ -126,8 +126,8 @@ class Op:
     context_source: ClassVar[bool] = False  # may be the source of a context edge
     doc: ClassVar[str] = ""
     # Logical axis names of the built module's parameters, by field name: {"w_in": ("embed",
-    # "mlp"), ...} (see `logical_axes`). Every shipped op declares them; None falls back to
-    # guessing from the sizes, which is what a quickly written new op gets.
+    # "mlp"), ...} (see `logical_axes`). Required, like `optim`: a parameter without axes
+    # would silently be replicated on every device.
     axes: ClassVar[Mapping[str, tuple] | None] = None
     # Optimizer role of the built module's parameters, by field name: {"w_in": "weight",
     # "b_in": "bias", ...}, names from `ROLES`. Required: `register` refuses an op without it,
@@ -170,17 +170,10 @@ class Op:
 
         Returns a pytree shaped like `module` whose array leaves are tuples with one entry per
         array dimension: a logical axis name (batch, seq, embed, mlp, heads, kv, ssm_state,
-        vocab, filters) or None (never sharded). `module` may hold jax.ShapeDtypeStruct leaves.
-        Default: the class's `axes` table by field name (`named_axes`); without one, inferred
-        from the sizes (d_model → embed, vocab → vocab, `hidden` → mlp, heads → heads,
-        d_model/heads → kv, `state` or state/2 → ssm_state, `filters` → filters), which cannot
-        tell apart two axes of equal size: declare `axes` instead."""
-        import jax
-
-        if self.axes is not None:
-            return named_axes(module, self.axes)
-        return jax.tree.map(lambda a: infer_logical_axes(getattr(a, "shape", None), args, dims)
-                            if _is_arraylike(a) else None, module)
+        vocab, filters, channels, layers) or None (never sharded). `module` may hold
+        jax.ShapeDtypeStruct leaves. Default: the class's `axes` table by field name
+        (`named_axes`), which must name every parameter."""
+        return named_axes(module, self.axes, self.kind)
 
     # ---- lowering -------------------------------------------------------------------
     def build(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, *, key):
@@ -192,19 +185,32 @@ def _is_arraylike(x) -> bool:
     return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
-def named_axes(module, table: Mapping[str, tuple]):
+def _field_name(path) -> str | None:
+    import jax
+
+    return next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+
+
+def named_axes(module, table: Mapping[str, tuple], kind: str = "?"):
     """Logical axes by parameter name: `table[field]` for an array held in a field of that name
-    (nested modules included), unsharded (all None) otherwise. Names, not sizes: sizes collide
-    too easily (S4D's filters and state modes, a BRT's 4·D fused projection and its 4·D MLP,
-    32 position buckets and d_model 32) to tell the axes apart."""
+    (nested modules included). Names, not sizes: sizes collide too easily (S4D's filters and
+    state modes, a BRT's 4·D fused projection and its 4·D MLP, 32 position buckets and d_model
+    32) to tell the axes apart. A parameter whose field is missing, or whose entry has the
+    wrong number of dimensions, is an error: it would otherwise be replicated unnoticed."""
     import jax
 
     def axes(path, a):
         if not _is_arraylike(a):
             return None
-        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        name = _field_name(path)
         ax = table.get(name)
-        return tuple(ax) if ax is not None and len(ax) == len(a.shape) else (None,) * len(a.shape)
+        if name not in table:
+            raise TypeError(f"layer kind {kind!r}: parameter '{name}' has no logical axes; add it to the op's "
+                            "`axes` table")
+        if len(ax) != len(a.shape):
+            raise TypeError(f"layer kind {kind!r}: parameter '{name}' has {len(a.shape)} dimensions but its "
+                            f"logical axes {tuple(ax)} name {len(ax)}")
+        return tuple(ax)
 
     return jax.tree_util.tree_map_with_path(axes, module)
 
@@ -219,36 +225,13 @@ def named_roles(module, table: Mapping[str, str], kind: str = "?"):
     def role(path, a):
         if not _is_arraylike(a) or not jnp.issubdtype(a.dtype, jnp.inexact):
             return None  # not trained (the optimizer sees inexact arrays only)
-        name = next((k.name for k in reversed(path) if isinstance(k, jax.tree_util.GetAttrKey)), None)
+        name = _field_name(path)
         if name not in table:
             raise TypeError(f"layer kind {kind!r}: parameter '{name}' has no optimizer role; add it to the "
                             f"op's `optim` table (one of {', '.join(ROLES)})")
         return ROLES[table[name]]
 
     return jax.tree_util.tree_map_with_path(role, module)
-
-
-def infer_logical_axes(shape, args: Mapping[str, Any], dims: Dims) -> tuple:
-    """One logical name (or None) per dimension, by matching sizes; a name is used once per array."""
-    def arg(name):
-        v = args.get(name) if hasattr(args, "get") else None
-        return v if isinstance(v, int) and not isinstance(v, bool) else None
-
-    # The op's own sizes first (an MLP's hidden width may equal the vocabulary), then the model's.
-    table: list[tuple[int, str]] = []
-    if arg("hidden"):
-        table.append((arg("hidden"), "mlp"))
-    if arg("state"):
-        table += [(arg("state"), "ssm_state"), (arg("state") // 2, "ssm_state")]
-    if arg("filters") and arg("filters") > 1:
-        table.append((arg("filters"), "filters"))
-    table += [(dims.d_model, "embed"), (dims.heads, "heads"), (dims.d_model // max(dims.heads, 1), "kv"),
-              (dims.vocab, "vocab")]
-    out: list = []
-    for n in tuple(shape or ()):
-        name = next((nm for size, nm in table if size == n and size > 1 and nm not in out), None)
-        out.append(name)
-    return tuple(out)
 
 
 REGISTRY: dict[str, Op] = {}
@@ -258,6 +241,9 @@ def register(cls):
     """Class decorator: register a singleton of an Op subclass under its `kind`."""
     if cls.kind in REGISTRY:
         raise ValueError(f"layer kind {cls.kind!r} registered twice")
+    if cls.axes is None and cls.logical_axes is Op.logical_axes:
+        raise TypeError(f"layer kind {cls.kind!r} declares no logical axes: give {cls.__name__} an `axes` "
+                        "table (parameter field name -> one logical axis name or None per dimension)")
     if cls.optim is None:
         raise TypeError(f"layer kind {cls.kind!r} declares no optimizer roles: give {cls.__name__} an "
                         f"`optim` table (parameter field name -> one of {', '.join(ROLES)})")

@@ -18,7 +18,8 @@ class DropoutLayer(eqx.Module, Positionwise):
 class Dropout(Op):
     kind = "dropout"
     role = "other"
-    optim = {}  # no parameters
+    axes = {}  # no parameters
+    optim = {}
     doc = "dropout"
     params = (Param("rate", float, 0.1, min=0.0, max=0.99),)
 

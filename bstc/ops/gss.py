@@ -89,8 +89,10 @@ class GatedStateSpaceOp(Op):
     # The gate branch is MLP-like (embed -> mlp -> embed); the narrow SSM path stays whole.
     axes = {"w_v": ("embed", "mlp"), "b_v": ("mlp",), "w_u": ("embed", None), "w_uc": (None, "mlp"),
             "b_uc": ("mlp",), "w_o": ("mlp", "embed"), "b_o": ("embed",), "log_A_re": (None, "ssm_state"),
-            "A_im": (None, "ssm_state"), "C": (None, None, "ssm_state", None)}
-    optim = {**_ssm.SSM_OPTIM, "w_v": "weight", "w_u": "weight", "w_uc": "weight", "w_o": "weight",
+            "A_im": (None, "ssm_state"), "C": (None, None, "ssm_state", None), "log_dt": (None,), "D": (None,),
+            "b_u": (None,)}
+    optim = {"log_dt": "ssm_dynamics", "log_A_re": "ssm_dynamics", "A_im": "ssm_dynamics", "C": "weight", "D": "gain",
+             "w_v": "weight", "w_u": "weight", "w_uc": "weight", "w_o": "weight",
              "b_v": "bias", "b_u": "bias", "b_uc": "bias", "b_o": "bias"}
     params = (
         Param("state", int, 64, min=2, doc="N: S4D state size (N/2 complex modes); even"),

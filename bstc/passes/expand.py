@@ -252,6 +252,3 @@ def _apply_override(inst: RawInstance, ov: ast.Override, b: ast.BlockDef, scope:
         v = evaluate(st.value, scope, errors)
         s.args[st.param] = RawArg(v, st.span)
 
-
-def is_symbol(v) -> bool:
-    return isinstance(v, Symbol)
