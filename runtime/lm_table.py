@@ -159,6 +159,8 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
+    if not _claim(run_dir):
+        return None  # another `bstc experiment lm` on the same directory is training this row
     path = resolve_model(name)
     overrides, n = match_size(path, scale, target)
     cfg = run_config(scale, path, overrides, seed)
@@ -179,6 +181,28 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
                skipped={k: v["skipped"] for k, v in ev["lengths"].items() if "skipped" in v})
     done.write_text(json.dumps(res, indent=2) + "\n")
     return res
+
+
+def _claim(run_dir: Path) -> bool:
+    """Take the row for this process (several invocations may share an output directory and
+    split the rows between them); a claim left by a process that no longer runs is taken over."""
+    import os
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / "claimed-by"
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            pid = int(lock.read_text().strip() or 0)
+            os.kill(pid, 0)
+            return pid == os.getpid()
+        except (ValueError, ProcessLookupError, PermissionError, FileNotFoundError):
+            lock.unlink(missing_ok=True)
+            return _claim(run_dir)
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
 
 
 def collect(out: Path) -> list[dict]:
@@ -309,6 +333,9 @@ def run_table(out: Path, scale_name: str = "small", models: list[str] | None = N
         console.print(f"[bold][{i}/{len(jobs)}][/] {LABELS.get(m, m)} · seed {s} · "
                       f"elapsed {time.perf_counter() - t0:,.0f} s")
         r = run_one(m, s, scale, target, out, progress=progress)
+        if r is None:
+            console.print("    being trained by another invocation on this directory: skipped")
+            continue
         b = " · ".join(f"{k}: {v:.3f}" for k, v in r["bpb"].items() if v is not None)
         console.print(f"    {r['params'] / 1e6:.2f}M params ({100 * (r['params'] / target - 1):+.1f}% of target) · "
                       f"bits/byte {b}")
