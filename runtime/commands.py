@@ -86,6 +86,9 @@ def train(
     optimizer: Optional[str] = typer.Option(None, "--optimizer", help="adamw (default) or adafactor."),
     warmup: Optional[int] = typer.Option(None, "--warmup", help="Warmup steps (default 10% of steps)."),
     seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Training sequence length (default: the model's seq_len)."),
+    length_mix: Optional[str] = typer.Option(
+        None, "--length-mix", help="Tasks only: train at several lengths, e.g. 1,2: the steps cycle through "
+        "seq_len × each factor (validation stays at seq_len)."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a model parameter, e.g. --set d_model=256 (repeatable)."),
     preset: Optional[str] = typer.Option(
@@ -121,6 +124,7 @@ def train(
     sets = parse_sets(set_)
     flags = dict(model=model, data=data, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
+                 length_mix=_factors(length_mix),
                  eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
     if resume:
         run_dir = output or _latest_run()
@@ -156,6 +160,19 @@ def train(
 
     lead = jax.process_index() == 0  # multi-host: one progress bar and one loss plot (process 0's)
     run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead)
+
+
+def _factors(text: Optional[str]) -> list[int] | None:
+    """`--length-mix 1,2` -> [1, 2]."""
+    if text is None:
+        return None
+    try:
+        out = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise UsageError(f"--length-mix expects comma-separated integers, got '{text}'") from None
+    if not out or min(out) < 1:
+        raise UsageError(f"--length-mix expects integers >= 1, got '{text}'")
+    return out
 
 
 def _lengths(text: Optional[str]) -> list[int] | None:

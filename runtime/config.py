@@ -37,6 +37,7 @@ class RunConfig:
     task: str | None = None               # a synthetic task instead of text: recall|copy|induction
     task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {pairs: 4}
     seq_len: int | None = None            # None: the model's seq_len
+    length_mix: list[int] | None = None   # tasks: batch b (from 0) has seq_len × length_mix[b mod k] tokens
     steps: int = 300
     batch: int = 8                        # sequences per optimizer step (all micro-batches)
     accum: int = 1                        # gradient-accumulation micro-batches per step
@@ -80,6 +81,11 @@ class RunConfig:
              f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
         need(self.seq_len is None or self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
+        if self.length_mix is not None:
+            need(isinstance(self.length_mix, list) and len(self.length_mix) >= 1
+                 and all(isinstance(m, int) and m >= 1 for m in self.length_mix),
+                 f"length_mix must be a list of integers >= 1, got {self.length_mix}")
+            need(bool(self.task), "length_mix needs --task (text is packed at one length)")
 
     @property
     def warmup_steps(self) -> int:

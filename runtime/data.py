@@ -217,6 +217,24 @@ class Task:
         return {"inputs": seq[:-1], "targets": seq[1:], "mask": mask[1:]}
 
 
+class LengthMix:
+    """Training examples of several sequence lengths: batch b (examples b·batch … b·batch + batch − 1)
+    comes whole from `sources[b mod k]`, so every batch has one shape and the lengths alternate
+    step by step. Example i of a source is a pure function of i (synthetic tasks only), so the
+    iterator's position alone still resumes a run exactly."""
+
+    def __init__(self, sources: list, batch: int):
+        if not all(isinstance(s, Task) for s in sources):
+            raise DataError("a length mix needs a synthetic task (--task): text is packed at one length")
+        self.sources, self.batch = list(sources), batch
+
+    def __len__(self) -> int:
+        return min(len(s) for s in self.sources)
+
+    def __getitem__(self, i: int) -> dict[str, np.ndarray]:
+        return self.sources[(int(i) // self.batch) % len(self.sources)][i]
+
+
 SPLIT_SEED = {"train": 0, "validation": 1_000_003, "test": 2_000_006}
 
 
@@ -246,7 +264,7 @@ def train_iterator(source, batch: int, seed: int, shard: tuple[int, int] = (0, 1
         raise DataError(f"training data too small: {len(source)} sequences of "
                         f"{getattr(source, 'seq_len', '?')} tokens, fewer than one batch of {batch}")
     ds = grain.MapDataset.source(source)
-    if not isinstance(source, Task):  # tasks are already i.i.d. in their index
+    if not isinstance(source, (Task, LengthMix)):  # tasks are already i.i.d. in their index
         ds = ds.shuffle(seed=seed).repeat(None)
     index, count = shard
     if count > 1:

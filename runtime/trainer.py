@@ -209,6 +209,9 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     src = dict(data=cfg.data, task=cfg.task, seq_len=seq_len, vocab=spec.vocab, seed=cfg.seed,
                task_args=cfg.task_args)
     train_src = D.make_source(split="train", **src)
+    if cfg.length_mix:  # validation stays at seq_len: it measures the in-length result
+        train_src = D.LengthMix([D.make_source(split="train", **{**src, "seq_len": seq_len * m})
+                                 for m in cfg.length_mix], cfg.batch)
     val_src = D.make_source(split="validation", **src)
     # Several devices or processes, a --mesh or a mesh section: place everything with bstc.shard.
     sh = shard.for_run(spec.file, spec.overrides, cfg.mesh, cfg.micro_batch)
@@ -249,7 +252,7 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
         log_dir.mkdir(parents=True, exist_ok=True)
     writer = MetricsWriter(log_dir, start_step=start, tensorboard=tensorboard)
     result = RunResult(run_dir=run_dir, step=start)
-    tokens_per_step = cfg.batch * seq_len
+    tokens_per_step = cfg.batch * seq_len * (sum(cfg.length_mix) / len(cfg.length_mix) if cfg.length_mix else 1)
     tps, t_last = 0.0, None
 
     def save(step: int) -> None:

@@ -72,6 +72,9 @@ def test_s4d_init_follows_the_paper():
     _, _, A_inv, _ = _ssm.s4d_init(jax.random.key(0), channels=1, state=8, init="inv")
     n = np.arange(4)
     np.testing.assert_allclose(np.asarray(A_inv[0]), 8 / np.pi * (8 / (2 * n + 1) - 1), rtol=1e-6)  # S4D-Inv
+    _, log_A_real, A_real, _ = _ssm.s4d_init(jax.random.key(0), channels=2, state=8, init="real")
+    assert not np.asarray(A_real).any()  # no rotation
+    np.testing.assert_allclose(np.exp(np.asarray(log_A_real[1])), 0.5 * (n + 1), rtol=1e-6)
 
 
 # ---- convolution --------------------------------------------------------------------------------
@@ -123,15 +126,20 @@ def test_bf16_layer_keeps_its_fft_in_float32(kind):
 
 
 # ---- the s4d layer ------------------------------------------------------------------------------
-@pytest.mark.parametrize("filters", [1, 3])
-def test_s4d_layer_equals_reference(filters):
-    layer = build("s4d", state=8, filters=filters)
-    x = jax.random.normal(jax.random.key(5), (2, DIMS.seq_len, DIMS.d_model))
+@pytest.mark.parametrize("filters,centre", [(1, True), (3, True), (1, False), (3, False)])
+def test_s4d_layer_equals_reference(filters, centre):
+    layer = build("s4d", state=8, filters=filters, centre=centre)
+    x = jax.random.normal(jax.random.key(5), (2, DIMS.seq_len, DIMS.d_model)) + 0.5  # a mean to remove
     got = np.asarray(jax.jit(lambda x: layer(x))(x))
     K = _ssm.s4d_kernel_vandermonde(layer.log_dt, layer.log_A_re, layer.A_im, layer.C, DIMS.seq_len)
     ref = []
     for f in range(filters):
-        y = _ssm.causal_direct_conv(x, K[f]) + layer.D[f] * x
+        if centre:  # row t convolves the prefix minus its own mean: Σ_s K[t−s]·(x_s − mean(x_0..x_t))
+            y = np.stack([np.asarray(_ssm.causal_direct_conv(x[:, :t + 1] - x[:, :t + 1].mean(1, keepdims=True),
+                                                             K[f][:, :t + 1]))[:, t] for t in range(DIMS.seq_len)], 1)
+            y = y + layer.D[f] * x
+        else:
+            y = _ssm.causal_direct_conv(x, K[f]) + layer.D[f] * x
         ref.append(jax.nn.gelu(y) @ layer.w_out.T + layer.b_out)
     ref = np.stack(ref, axis=2)
     ref = ref[:, :, 0] if filters == 1 else ref
@@ -140,10 +148,10 @@ def test_s4d_layer_equals_reference(filters):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("filters", [1, 2])
-def test_s4d_recurrent_step_equals_forward(filters):
-    layer = build("s4d", state=8, filters=filters, init="inv")
-    x = jax.random.normal(jax.random.key(6), (2, DIMS.seq_len, DIMS.d_model))
+@pytest.mark.parametrize("filters,centre", [(1, True), (2, True), (1, False)])
+def test_s4d_recurrent_step_equals_forward(filters, centre):
+    layer = build("s4d", state=8, filters=filters, init="inv", centre=centre)
+    x = jax.random.normal(jax.random.key(6), (2, DIMS.seq_len, DIMS.d_model)) + 0.5
     full = np.asarray(layer(x))
     step = jax.jit(lambda s, x_t: layer.step(s, x_t))
     state, ys = layer.init_state(2), []

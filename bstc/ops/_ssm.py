@@ -34,6 +34,11 @@ def s4d_init(key, channels: int, state: int, init: str = "lin", dt_min: float = 
         A_im = jnp.broadcast_to(math.pi * n, (channels, n2))
     elif init == "inv":  # S4D-Inv: (N/π)(N/(2n+1) − 1)
         A_im = jnp.broadcast_to((state / math.pi) * (state / (2 * n + 1) - 1), (channels, n2))
+    elif init == "real":  # S4D-Real-like: no rotation, decay rates (n+1)/2 (the slowest as in Lin)
+        # A mode that does not rotate responds to an input at lag l the same way for every l ≪ its
+        # time constant, so what a slow channel stores can be read at distances not seen in training.
+        A_im = jnp.zeros((channels, n2))
+        log_A_re = jnp.broadcast_to(jnp.log(0.5 * (n + 1)), (channels, n2))
     else:
         raise ValueError(f"unknown S4D init {init!r}")
     # C ~ complex normal with unit variance (each part variance 1/2)
@@ -144,6 +149,12 @@ def s4d_recurrence(log_dt, log_A_re, A_im, C, u: Float[Array, "L H"]) -> Float[A
     rec = S4DRecurrence.from_params(log_dt, log_A_re, A_im, C, jnp.zeros((F, C.shape[1])))
     _, ys = jax.lax.scan(lambda x, u_t: rec.step(x, u_t[None]), rec.init_state(1), u)  # ys (L, 1, F, H)
     return jnp.moveaxis(ys[:, 0], 1, 0)
+
+
+def running_mean(u: Float[Array, "B L H"]) -> Float[Array, "B L H"]:
+    """m[:, t] = mean of u[:, :t + 1] (causal), in float32."""
+    n = jnp.arange(1, u.shape[1] + 1, dtype=jnp.float32)[None, :, None]
+    return jnp.cumsum(u.astype(jnp.float32), axis=1) / n
 
 
 def causal_fft_conv(u: Float[Array, "B L C"], k: Float[Array, "C L"]) -> Float[Array, "B L C"]:

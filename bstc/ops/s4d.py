@@ -1,7 +1,9 @@
 """`s4d`: the diagonal state-space layer (S4D), a context source for Block-State Transformers.
 
 Output: gelu(K * u + D·u) followed by a position-wise linear map, where K is the S4D kernel of
-each channel (see _ssm.py) and * is a causal FFT convolution over the whole sequence. With
+each channel (see _ssm.py) and * is a causal FFT convolution over the whole sequence.
+With `centre: true` (the default) the convolution sees u_s − m_t, m_t the causal running mean
+of the channel up to t: see `S4DLayer.__call__`. With
 `filters: F > 1` every channel has F output sets (F complex C vectors and skip terms sharing one
 A and dt), giving (B, L, F, D): the multi-head / multi-filter context of BST-MH and BST-MF.
 """
@@ -27,6 +29,7 @@ class S4DLayer(eqx.Module):
     w_out: Float[Array, "H H"]  # (out, in), shared by the filters
     b_out: Float[Array, "H"]
     dropout: float = eqx.field(static=True)
+    centre: bool = eqx.field(static=True, default=False)
 
     def kernel(self, length: int) -> Float[Array, "F H L"]:
         return _ssm.s4d_kernel(self.log_dt, self.log_A_re, self.A_im, self.C, length)
@@ -34,6 +37,12 @@ class S4DLayer(eqx.Module):
     def __call__(self, x: Float[Array, "B L H"], *, context=None, key=None):
         k = self.kernel(x.shape[1])  # (F, H, L) float32, generated once per call (not per batch row)
         y = _ssm.multi_filter_fft_conv(x, k)  # (B, L, F, H), float32
+        if self.centre:
+            # y_t = Σ_s K[t−s]·(u_s − m_t) = (K * u)_t − m_t·Σ_{l≤t} K[l]. Without it the slow modes
+            # (dt·|A|·L < 1) integrate the mean input (the average token) and drift with the
+            # position: at 2–8× the training length every context vector carries an offset the
+            # attention never saw. With it a constant input contributes nothing at any length.
+            y = y - _ssm.running_mean(x)[:, :, None, :] * jnp.moveaxis(jnp.cumsum(k, axis=-1), -1, 0)[None]
         return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
 
     # ---- recurrent form, for decoding ---------------------------------------------------------
@@ -53,13 +62,29 @@ class S4DLayer(eqx.Module):
     def decode(self, cache, x_t: Float[Array, "B H"], t, *, context=None):
         return self.step(cache, x_t)
 
-    def init_state(self, batch: int) -> Complex[Array, "B H N2"]:
-        return jnp.zeros((batch,) + self.log_A_re.shape, jnp.complex64)
+    def init_state(self, batch: int):
+        """The convolution's state (B, H, N2) complex; with `centre` also the same recurrence
+        driven by ones (its output is the kernel's running sum Σ_{l≤t} K[l]), the running input
+        sum (B, H) and the token count (B, 1)."""
+        h = jnp.zeros((batch,) + self.log_A_re.shape, jnp.complex64)
+        if not self.centre:
+            return h
+        return h, h, jnp.zeros((batch, self.log_A_re.shape[0]), jnp.float32), jnp.zeros((batch, 1), jnp.float32)
 
     def step(self, state: Complex[Array, "B H N2"], x_t: Float[Array, "B H"]):
         """One token of the whole layer: (state, x_t) → (state, y_t) with y_t (B, H) or (B, F, H),
         equal to row t of `self(x)` (deterministic). O(H·N) per token instead of an FFT."""
-        state, y = self.recurrence().step(state, x_t)  # y (B, F, H) float32, skip included
+        rec = self.recurrence()
+        if not self.centre:
+            state, y = rec.step(state, x_t)  # y (B, F, H) float32, skip included
+        else:
+            h, z, total, n = state
+            h, y = rec.step(h, x_t)
+            z = rec.dA * z + rec.dB  # the response to a constant 1
+            total, n = total + x_t.astype(jnp.float32), n + 1.0
+            ksum = 2.0 * jnp.einsum("fhn,bhn->bfh", rec.C, z).real  # Σ_{l≤t} K[l]
+            y = y - (total / n)[:, None, :] * ksum
+            state = (h, z, total, n)
         out = _ssm.ssm_head(y[:, None], self.w_out, self.b_out, x_t.dtype)  # (B, 1, [F,] H)
         return state, out[:, 0]
 
@@ -75,9 +100,11 @@ class S4D(Op):
     params = (
         Param("state", int, 64, min=2, doc="N: state size (N/2 complex modes); even"),
         Param("filters", int, 1, min=1, doc="F: output sets per channel (MH: = heads, MF: S)"),
-        Param("init", str, "lin", choices=("lin", "inv"), doc="S4D-Lin or S4D-Inv imaginary parts"),
+        Param("init", str, "lin", choices=("lin", "inv", "real"),
+              doc="S4D-Lin or S4D-Inv imaginary parts, or real modes with decay rates (n+1)/2"),
         Param("dt_min", float, 1e-3, min=1e-6, doc="smallest initial step"),
         Param("dt_max", float, 1e-1, min=1e-6, doc="largest initial step"),
+        Param("centre", bool, True, doc="convolve u − (causal running mean of u): no drift with the length"),
         Param("dropout", float, 0.0, min=0.0, max=0.99),
     )
 
@@ -112,4 +139,4 @@ class S4D(Op):
         return S4DLayer(log_dt=log_dt, log_A_re=log_A_re, A_im=A_im, C=C,
                         D=jax.random.normal(k_d, (F, H)),
                         w_out=jax.random.normal(k_w, (H, H)) / jnp.sqrt(H),
-                        b_out=jnp.zeros((H,)), dropout=float(args["dropout"]))
+                        b_out=jnp.zeros((H,)), dropout=float(args["dropout"]), centre=bool(args["centre"]))
