@@ -145,7 +145,7 @@ def test_explain_model_error_exits_1(run, tmp_path):
 def test_bad_set_is_one_line(run, command):
     res = run(command, SH, "--set", "foo")
     assert res.exit_code == 2
-    assert _one_line_error(res) == "bstc: error: --set expects name=value, got 'foo'"
+    assert _one_line_error(res) == "bstc: error: --set expects NAME=VALUE, got 'foo'"
 
 
 def test_nonexistent_file_is_one_line(run, tmp_path):

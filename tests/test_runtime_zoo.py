@@ -118,7 +118,7 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
 
 def test_cli_errors_are_one_line(tmp_path):
     r = bstc("train", "--set", "nonsense")
-    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bstc: error: --set expects KEY=VALUE, got 'nonsense'"]
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bstc: error: --set expects NAME=VALUE, got 'nonsense'"]
     r = bstc("train", "no_such_model")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "not found" in r.stderr
     r = bstc("eval", str(tmp_path))
