@@ -126,7 +126,8 @@ class S4D(Op):
         # Kernel generation happens once per sequence: a complex (F·H, L2, N2)×(N2, L1) matmul
         # (8 real flops per complex multiply-add) plus the exponentials; spread over L tokens.
         kernel = 8.0 * F * H * n2 + 12.0 * H * n2 * (F + 1) / max(1, int(L ** 0.5))
-        return kernel + _ssm.ssm_common_flops(F, H, L)
+        centre = (3.0 * F * H + 2.0 * H) if args["centre"] else 0.0  # running sums, u's mean × ΣK
+        return kernel + centre + _ssm.ssm_common_flops(F, H, L)
 
     def activation_bytes_per_token(self, args, dims, context):
         return 4 * dims.d_model * args["filters"] * 4 + 2 * dims.d_model * 4  # f32 FFT buffers
