@@ -117,12 +117,14 @@ def test_registration_needs_roles_for_every_parameter():
         @register
         class NoRoles(Op):  # noqa: F841
             kind = "test_no_roles"
+            axes = {}
 
     assert "test_no_roles" not in REGISTRY
     with pytest.raises(TypeError, match="unknown optimizer role"):
         @register
         class BadRole(Op):  # noqa: F841
             kind = "test_bad_role"
+            axes = {}
             optim = {"w": "weights"}
 
     class Half(eqx.Module):
