@@ -116,3 +116,36 @@ class Collector:
         if self.diagnostics:
             ds = sorted(self.diagnostics, key=lambda d: (d.span.file, d.span.line, d.span.col) if d.span else ("", 0, 0))
             raise BstcError(ds, self.sources)
+
+
+def read_text_file(path, what: str = "model file") -> str:
+    """A UTF-8 text file's contents (a UTF-8 byte-order mark is dropped). Not UTF-8 → a
+    BstcError at the first bad byte (line, column and byte offset); a directory, FIFO or other
+    non-regular file → FileNotFoundError with a message saying what the path is."""
+    import stat
+    from pathlib import Path
+
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        raise FileNotFoundError(f"no such {what}: {path}") from None
+    if stat.S_ISDIR(mode):
+        raise FileNotFoundError(f"{path} is a directory, not a {what}")
+    if not stat.S_ISREG(mode):
+        raise FileNotFoundError(f"{path} is not a regular file (a FIFO, socket or device), not a {what}")
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        before = data[:e.start]
+        line = before.count(b"\n") + 1
+        col = len(before[before.rfind(b"\n") + 1:].decode("utf-8", errors="replace")) + 1
+        # Shown under the caret: control characters of a binary file become U+FFFD, one each.
+        text = "".join(c if c in "\n\t" or c >= " " else "\ufffd"
+                       for c in data.decode("utf-8", errors="replace"))
+        raise BstcError([Diagnostic(Span(str(path), line, col, line, col + 1),
+                                    f"{what} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}",
+                                    "save the file as UTF-8")], {str(path): text}) from None

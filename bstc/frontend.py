@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 from bstc import ir
-from bstc.errors import BstcError, Collector, Diagnostic, Span
+from bstc.errors import BstcError, Collector, Diagnostic, Span, read_text_file
 from bstc.ops import Dims
 from bstc.passes.check import check
 from bstc.passes.expand import expand
@@ -28,7 +28,7 @@ def read_source(source) -> tuple[str, str, str]:
         path = zoo.resolve(str(source))
         if path is None:
             raise FileNotFoundError(f"no such model file: {source}")
-        text = path.read_text()
+        text = read_text_file(path)
         fmt = "yaml" if path.suffix in (".yaml", ".yml") else "bst" if path.suffix == ".bst" else _sniff(text)
         return text, str(source), fmt
     text = str(source)

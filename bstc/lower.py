@@ -120,8 +120,20 @@ class LoweredModel(eqx.Module):
     positions: tuple = eqx.field(static=True)  # first instance index of each stage (for dropout keys)
     name: str = eqx.field(static=True)
     final_norm_kind: str | None = eqx.field(static=True, default=None)
+    vocab: int = eqx.field(static=True, default=0)
+    block_len: int = eqx.field(static=True, default=1)  # lengths are padded to a multiple of this
 
     def __call__(self, tokens: Int[Array, "B L"], *, key=None) -> Float[Array, "B L V"]:
+        """Any length L ≥ 1: the sequence is padded to the next multiple of the block length
+        and the logits sliced back. Every layer is causal, so the padding cannot change them."""
+        tokens = check_tokens(tokens, self.vocab)
+        length = tokens.shape[1]
+        pad = -length % self.block_len
+        if pad:
+            tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
+        return self._forward(tokens, key=key)[:, :length]
+
+    def _forward(self, tokens, *, key=None):
         dt = _DTYPES[self.dtype]
         m = cast_floating(self, dt)
         x = constrain(m.embed(tokens).astype(dt), ACTIVATION)
@@ -143,6 +155,26 @@ class LoweredModel(eqx.Module):
             x = m.final_norm(x)
         logits = m.head(x, embedding=m.embed)
         return logits.astype(jnp.float32)
+
+
+def check_tokens(tokens, vocab: int):
+    """Shape and dtype are checked at once (also while tracing); the range of the ids with
+    `eqx.error_if`, which raises in an eager call and makes a jitted call raise when it runs
+    (an XlaRuntimeError carrying the same message), so an id outside the vocabulary can never
+    give silent garbage (NaN logits for ids ≥ vocab, a wrapped row for negative ones)."""
+    shape, dtype = getattr(tokens, "shape", None), getattr(tokens, "dtype", None)
+    if shape is None or dtype is None:
+        raise TypeError(f"tokens must be an integer array of shape (batch, length), got {type(tokens).__name__}")
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer ids, got dtype {dtype}")
+    if len(shape) != 2:
+        raise ValueError(f"tokens must have shape (batch, length), got shape {tuple(shape)}")
+    if shape[0] == 0 or shape[1] == 0:
+        raise ValueError(f"tokens must have batch ≥ 1 and length ≥ 1, got shape {tuple(shape)}")
+    if vocab:
+        tokens = eqx.error_if(tokens, (tokens < 0) | (tokens >= vocab),
+                              f"token ids must be in [0, {vocab}) (the model's vocab)")
+    return tokens
 
 
 def cast_floating(tree, dtype):
@@ -197,9 +229,38 @@ def plan_stages(layers: tuple[ir.BlockInstance, ...], scan: bool = True) -> list
     return out
 
 
+def memory_budget() -> int:
+    """Bytes the parameters may take: the local accelerators' memory, or the host's RAM on CPU."""
+    import os
+
+    limits = [(dev.memory_stats() or {}).get("bytes_limit", 0) if dev.platform != "cpu" else 0
+              for dev in jax.local_devices()]
+    if all(limits):
+        return int(sum(limits))
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 2**40
+
+
+def check_buildable(m: ir.Model) -> None:
+    """Refuse, before any array is allocated, a model whose parameters cannot fit in memory."""
+    from bstc.errors import BstcError, Diagnostic
+    from bstc.passes.report import build_report, bytes_h
+
+    rep = build_report(m, batch=1)
+    budget = memory_budget()
+    if rep.param_bytes > budget:
+        raise BstcError([Diagnostic(
+            None, f"model {m.name} is too large to build: {rep.params:.3g} params, "
+                  f"{rep.param_bytes:.3g} bytes, more than the {bytes_h(budget)} of memory here",
+            "check the sizes with `bstc explain`")])
+
+
 def lower(m: ir.Model, *, key, scan: bool = True, remat: str = "none") -> LoweredModel:
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
+    check_buildable(m)
     d = m.dims
     k_embed, k_head, k_norm, k_layers = jax.random.split(key, 4)
     # Every block occurrence gets the key fold_in(k_layers, position), scanned or not, so the
@@ -229,7 +290,8 @@ def lower(m: ir.Model, *, key, scan: bool = True, remat: str = "none") -> Lowere
             stages.append(SharedRef(inst.share))
         else:
             stages.append(Single(_build_block(m.layers[start], d, layer_key(start)), remat))
-    model = LoweredModel(embed, tuple(stages), shared, final_norm, head, d.dtype, tuple(positions), m.name, nk)
+    model = LoweredModel(embed, tuple(stages), shared, final_norm, head, d.dtype, tuple(positions), m.name, nk,
+                         d.vocab, d.window)
     pdt = _DTYPES[d.param_dtype]
     return cast_floating(model, pdt)
 

@@ -30,4 +30,5 @@ def resolve(name_or_path: str) -> Path | None:
     for cand in (d / name_or_path, d / f"{name_or_path}.bst", d / f"{name_or_path}.yaml"):
         if cand.is_file():
             return cand
-    return None
+    # A directory or FIFO of that name: the reader says what it is instead of "no such file".
+    return p if p.exists() else None

@@ -17,7 +17,9 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from bstc.runtime.errors import CheckpointError
+import shutil
+
+from bstc.runtime.errors import CheckpointError, CorruptCheckpoint, UsageError
 
 # orbax logs every save at INFO through absl; the progress bar is the user's view of a run.
 logging.getLogger("absl").setLevel(logging.WARNING)
@@ -63,8 +65,8 @@ class Checkpointer:
         try:
             return self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         except Exception as e:  # orbax raises many kinds; the user needs one line
-            raise CheckpointError(f"checkpoint {self.directory / str(step)} is corrupt or "
-                                  f"unreadable: {_first_line(e)}") from None
+            raise CorruptCheckpoint(f"checkpoint {self.directory / str(step)} is corrupt or "
+                                    f"unreadable: {_first_line(e)}") from None
 
     def restore(self, step: int, template, data_iter, fingerprint: str | None):
         """Restore into `template`: a freshly initialised state of the same model, or its
@@ -94,13 +96,52 @@ class Checkpointer:
         try:
             out = self.manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as e:
-            raise CheckpointError(f"checkpoint {where} is corrupt or unreadable: {_first_line(e)}") from None
+            raise CorruptCheckpoint(f"checkpoint {where} is corrupt or unreadable: {_first_line(e)}") from None
         restored = [np.asarray(x) if not isinstance(x, jax.Array) else x for x in out.state]
         for x, a in zip(restored, abstract):
             if tuple(x.shape) != tuple(a.shape):
-                raise CheckpointError(f"checkpoint {where} is corrupt: array shape {x.shape} != {a.shape}")
+                raise CorruptCheckpoint(f"checkpoint {where} is corrupt: array shape {x.shape} != {a.shape}")
         state = eqx.combine(jax.tree.unflatten(treedef, [jax.numpy.asarray(x) for x in restored]), static)
         return state, meta
+
+    def restore_readable(self, template, data_iter, fingerprint: str | None, step: int | None = None,
+                         say=print):
+        """Restore `step`, or else the newest checkpoint that reads: a corrupt one is skipped,
+        saying which and why (a checkpoint of another model is still an error). → (step, state)."""
+        steps = self.steps()
+        if not steps:
+            raise CheckpointError(f"{self.directory} has no checkpoint yet")
+        if step is not None and step not in steps:
+            raise UsageError(f"no checkpoint for step {step} in {self.directory} (have {steps})")
+        failed = []
+        for s in ([step] if step is not None else steps[::-1]):
+            try:
+                state, _ = self.restore(s, template, data_iter, fingerprint)
+            except CorruptCheckpoint as e:
+                if step is not None:
+                    raise
+                failed.append(s)
+                say(f"warning: {e}; trying the one before it")
+                continue
+            if failed:
+                say(f"using checkpoint step {s}, the newest readable one")
+            return s, state
+        raise CorruptCheckpoint(f"no checkpoint in {self.directory} is readable (steps {steps})")
+
+    def set_aside(self, after: int, dest: Path) -> list[int]:
+        """Move the checkpoints newer than `after` to `dest` (kept, not deleted), so that a run
+        resumed from `after` saves its own steps again. Returns the steps moved."""
+        moved = [s for s in self.steps() if s > after]
+        if moved:
+            dest = Path(dest)
+            dest.mkdir(parents=True, exist_ok=True)
+            for s in moved:
+                target = dest / str(s)
+                if target.exists():
+                    shutil.rmtree(target)
+                shutil.move(str(self.directory / str(s)), str(target))
+            self.manager.reload()
+        return moved
 
     def close(self) -> None:
         self.manager.close()

@@ -95,7 +95,10 @@ def train(
         None, "--preset", help="auto (tiny overrides for zoo models), tiny, or none (the file as written)."),
     output: Optional[Path] = typer.Option(
         None, "-o", "--output", help="Run directory (default runs/MODEL-TIMESTAMP)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its latest checkpoint."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in -o from its latest checkpoint "
+                                "(the newest readable one; a corrupt one is set aside)."),
+    step: Optional[int] = typer.Option(None, "--step", help="With --resume: continue from this checkpoint step; "
+                                       "newer checkpoints are moved to checkpoints.set-aside/."),
     config: Optional[Path] = typer.Option(None, "--config", help="A run config YAML; flags override it."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", help="Validation every N steps (default 100)."),
     ckpt_every: Optional[int] = typer.Option(None, "--ckpt-every", help="Checkpoint every N steps (default 100)."),
@@ -126,6 +129,12 @@ def train(
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
                  length_mix=_factors(length_mix),
                  eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
+    if step is not None and not resume:
+        raise UsageError("--step picks the checkpoint to resume from: use it with --resume")
+    if output is not None and not resume:  # an unusable -o is reported before any work
+        from bstc.runtime.rundir import check_run_dir
+
+        check_run_dir(output)
     if resume:
         run_dir = output or _latest_run()
         if not (run_dir / "config.yaml").is_file():
@@ -134,6 +143,7 @@ def train(
         if config is not None:
             raise UsageError("--resume uses the run's own config.yaml; drop --config")
         model_path = run_dir / next(p.name for p in run_dir.glob("model.*"))
+        _refuse_changes_on_resume(run_dir, cfg, flags, sets)
     else:
         cfg = RunConfig.load(config) if config is not None else RunConfig()
         model_path = None
@@ -159,7 +169,30 @@ def train(
     from bstc.runtime.trainer import train as run
 
     lead = jax.process_index() == 0  # multi-host: one progress bar and one loss plot (process 0's)
-    run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead)
+    run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead, resume_step=step)
+
+
+# What a resumed run must keep: its model, data stream and optimizer state depend on these.
+# Steps, evaluation and checkpoint cadence, the learning rate and the mesh may change.
+_FIXED_ON_RESUME = ("model", "data", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
+                    "preset", "seed")
+
+
+def _refuse_changes_on_resume(run_dir: Path, cfg, flags: dict, sets: dict) -> None:
+    import json
+
+    for name in _FIXED_ON_RESUME:
+        given = flags.get(name)
+        if given is not None and given != getattr(cfg, name):
+            flag = "the model" if name == "model" else f"--{name.replace('_', '-')}"
+            raise UsageError(f"--resume: {flag} {given} differs from the run's {getattr(cfg, name)}; a resumed run "
+                             "keeps it: drop the flag, or start a new run with another -o")
+    saved = json.loads((run_dir / "run.json").read_text()).get("overrides", {}) if (run_dir / "run.json").is_file() else {}
+    changed = [f"{k}={v} (the run has {saved[k] if k in saved else 'the file value'})"
+               for k, v in sets.items() if str(saved.get(k)) != str(v)]
+    if changed:
+        raise UsageError(f"--resume: --set {', '.join(changed)} would change the model; drop it, "
+                         "or start a new run with another -o")
 
 
 def _factors(text: Optional[str]) -> list[int] | None:

@@ -26,6 +26,25 @@ TASKS = ("recall", "copy", "induction")
 OPTIMIZERS = ("adamw", "adafactor")
 
 
+def _type_ok(value, annotation: str) -> bool:
+    """`value` against a field's annotation string (`int`, `float`, `str | None`, `dict[...]`)."""
+    for opt in (o.strip() for o in annotation.split("|")):
+        if (opt == "None" and value is None
+                or opt == "int" and isinstance(value, int) and not isinstance(value, bool)
+                or opt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool)
+                or opt == "str" and isinstance(value, str)
+                or opt.startswith("dict") and isinstance(value, dict)
+                or opt.startswith("list") and isinstance(value, list)):
+            return True
+    return False
+
+
+def _type_words(annotation: str) -> str:
+    words = {"int": "an integer", "float": "a number", "str": "a string", "None": "empty (null)"}
+    return " or ".join(words.get(o.strip(), "a mapping" if o.strip().startswith("dict") else "a list")
+                       for o in annotation.split("|"))
+
+
 @dataclass
 class RunConfig:
     """Everything about a run that is not in the model file."""
@@ -66,6 +85,21 @@ class RunConfig:
             if not ok:
                 raise UsageError(msg)
 
+        for f in dataclasses.fields(self):  # types first: `steps: "five"` is one clear line
+            v = getattr(self, f.name)
+            need(_type_ok(v, f.type), f"setting '{f.name}' must be {_type_words(f.type)}, got {v!r}")
+        need(all(isinstance(k, str) and k.isidentifier() for k in self.set),
+             f"setting 'set' must map parameter names to values, got {self.set!r}")
+        need(self.warmup is None or self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
+        for name in ("eval_every", "ckpt_every"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("log_every", "eval_batches"):
+            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("weight_decay", "clip"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        for name in ("b1", "b2"):
+            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
         need(self.accum >= 1, f"accum must be >= 1, got {self.accum}")
@@ -109,8 +143,17 @@ class RunConfig:
                 close = difflib.get_close_matches(str(k), names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise UsageError(f"{where}: unknown setting '{k}'{hint}")
+        d = dict(d)
+        for f in dataclasses.fields(cls):  # YAML 1.1 reads `1e-3` (no dot) as a string
+            if f.type == "float" and isinstance(d.get(f.name), str):
+                try:
+                    d[f.name] = float(d[f.name])
+                except ValueError:
+                    pass
         try:
             return cls(**d)
+        except UsageError as e:
+            raise UsageError(f"{where}: {e}") from None
         except TypeError as e:
             raise UsageError(f"{where}: {e}") from None
 
@@ -120,8 +163,14 @@ class RunConfig:
     @classmethod
     def load(cls, path: Path) -> "RunConfig":
         path = Path(path)
+        from bstc.errors import BstcError, read_text_file
+
         try:
-            d = yaml.safe_load(path.read_text()) or {}
+            d = yaml.safe_load(read_text_file(path, "config file")) or {}
+        except BstcError as e:
+            raise UsageError(str(e.diagnostics[0].span) + ": " + e.diagnostics[0].message) from None
+        except FileNotFoundError as e:
+            raise UsageError(str(e)) from None
         except OSError as e:
             raise UsageError(f"cannot read config {path}: {e.strerror or e}") from None
         except yaml.YAMLError as e:

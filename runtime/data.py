@@ -16,6 +16,7 @@ import functools
 import glob as _glob
 import hashlib
 import os
+import sys
 import sysconfig
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,12 +101,22 @@ def load_corpus(data: str | None, vocab: int = 256) -> dict[str, np.ndarray]:
     named = stdlib_files() if data in (None, DEFAULT_CORPUS) else user_files(data)
     eos = np.array([eos_token(vocab)], np.uint16)
     docs = {s: [] for s in SPLITS}
-    blobs = []
+    blobs, skipped = [], []
+    user = data not in (None, DEFAULT_CORPUS)
+    # The same rule wherever a file comes from: a file with a NUL byte in its first 8 KiB is
+    # binary. Named directly it is refused; found in a directory or by a glob it is skipped.
+    direct = {Path(s.strip()).expanduser() for s in data.split(",")} if user else set()
     for name, path in named:
         b = _read(path)
-        if data not in (None, DEFAULT_CORPUS) and b"\x00" in b[:8192] and len(named) > 1:
-            continue  # a binary file inside a directory: not text, skip it
+        if user and b"\x00" in b[:8192]:
+            if path in direct:
+                raise DataError(f"--data file '{path}' is binary, not text")
+            skipped.append(name)
+            continue
         blobs.append((name, b))
+    if skipped:
+        print(f"bstc: --data: skipped {len(skipped)} binary file(s): {', '.join(skipped[:5])}"
+              + (" …" if len(skipped) > 5 else ""), file=sys.stderr, flush=True)
     if not any(b for _, b in blobs):
         raise DataError(f"--data '{data}' contains no text (all files empty or binary)")
     by_file = {split_of(n) for n, _ in blobs}

@@ -22,6 +22,10 @@ class CheckpointError(RunError):
     """A corrupt checkpoint, or one made by a different model."""
 
 
+class CorruptCheckpoint(CheckpointError):
+    """A checkpoint that cannot be read (as opposed to one made by another model)."""
+
+
 class NonFiniteLossError(RunError):
     """The loss became NaN or inf; the last good checkpoint is left as it was."""
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,18 +46,14 @@ def load_model(run_dir: Path, spec: ModelSpec | None = None, step: int | None = 
     spec = spec or spec_of_run(run_dir, info)
     ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=cfg.keep)
     try:
-        steps = ckpt.steps()
-        if not steps:
+        if not ckpt.steps():
             raise CheckpointError(f"run '{run_dir}' has no checkpoint yet")
-        if step is None:
-            step = steps[-1]
-        elif step not in steps:
-            raise UsageError(f"no checkpoint for step {step} in '{run_dir}' (have {steps})")
         # Shapes only: nothing is built or initialised just to be overwritten by the restore.
         template = eqx.filter_eval_shape(init_state, spec, cfg, make_optimizer(cfg))
         # The fingerprint is not checked here: a newer compiler may print the same model
         # differently; the array paths and shapes still have to match exactly.
-        state, _ = ckpt.restore(step, template, None, None)
+        step, state = ckpt.restore_readable(template, None, None, step=step,
+                                            say=lambda m: print(f"bstc: {m}", file=sys.stderr, flush=True))
     finally:
         ckpt.close()
     return state.model, step, cfg, spec

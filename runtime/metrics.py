@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -34,30 +35,54 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 
 class MetricsWriter:
-    """Appends to metrics.jsonl; on resume drops the records past the restored step, so the
-    file (and the plot) read as one uninterrupted run."""
+    """Appends to metrics.jsonl (and TensorBoard's tb/); on resume drops the records past the
+    restored step, so the file (and the plot) read as one uninterrupted run. If metrics.jsonl or
+    tb/ disappears mid-run, both are rewritten from the records kept in memory, with a warning."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True, warn=None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        self.tb_dir = Path(run_dir) / "tb"
+        self._records: list[dict[str, Any]] = []
         if self.path.exists():
-            keep = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+            self._records = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self._records))
         self._f = open(self.path, "a")
+        self._warn = warn or (lambda msg: print(f"bstc: warning: {msg}", file=sys.stderr, flush=True))
+        self._tensorboard = tensorboard
         self._tb = None
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            self._tb = self._tb_writer(purge_step=start_step + 1 if start_step else None)
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=start_step + 1 if start_step else None)
+    def _tb_writer(self, purge_step=None):
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(str(self.tb_dir), purge_step=purge_step)
+
+    def _tb_add(self, record: dict[str, Any]) -> None:
+        split = record.get("split", "train")
+        for k, v in record.items():
+            if k not in ("step", "time", "split") and isinstance(v, (int, float)) and math.isfinite(v):
+                self._tb.add_scalar(f"{split}/{k}", v, record["step"])
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": round(time.time(), 3), **record}
+        self._records.append(record)
+        if not self.path.exists():  # deleted under a running job: the open handle writes nowhere
+            self._warn(f"{self.path} disappeared at step {record.get('step')}: rewriting it")
+            self._f.close()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in self._records[:-1]))
+            self._f = open(self.path, "a")
         self._f.write(json.dumps(record) + "\n")
         self._f.flush()
         if self._tb is not None:
-            split = record.get("split", "train")
-            for k, v in record.items():
-                if k not in ("step", "time", "split") and isinstance(v, (int, float)) and math.isfinite(v):
-                    self._tb.add_scalar(f"{split}/{k}", v, record["step"])
+            if not self.tb_dir.is_dir():
+                self._warn(f"{self.tb_dir} disappeared at step {record.get('step')}: rewriting it")
+                self._tb.close()
+                self._tb = self._tb_writer()
+                for r in self._records[:-1]:
+                    self._tb_add(r)
+            self._tb_add(record)
 
     def close(self) -> None:
         self._f.close()

@@ -75,6 +75,12 @@ def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, t
 
     n_bytes = min(vocab, 256)
     hist = list(prompt) or [ord("\n")]
+    outside = sorted({b for b in hist if b >= vocab})
+    if outside:
+        from bstc.runtime.errors import UsageError
+
+        raise UsageError(f"the prompt has bytes outside the model's vocab of {vocab} "
+                         f"(e.g. {outside[0]}); this model reads only bytes < {vocab}")
     key = jax.random.key(seed)
     ok, missing = decode.decodable(model)
     if cache is None:
@@ -102,6 +108,7 @@ def sample(
     tokens: int = typer.Option(200, "--tokens", "-n", min=1, help="How many bytes to generate."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest readable)."),
     no_cache: bool = typer.Option(False, "--no-cache",
                                   help="Recompute the forward pass over the last seq_len tokens for every token "
                                        "instead of decoding through per-layer caches."),
@@ -114,13 +121,13 @@ def sample(
     @_errors
     def run():
         rd = run_dir or _latest_run()
-        model, step, _cfg, spec = load_model(rd)
+        model, at_step, _cfg, spec = load_model(rd, step=step)
         seq_len, vocab = int(spec.seq_len), int(spec.vocab)
         ok, missing = decode.decodable(model)
         cached = ok and not no_cache
         how = ("cached decoding" if cached else "recomputing the forward pass per token"
                + ("" if ok else f" ({missing} have no decode step)"))
-        typer.echo(f"# {rd} (step {step}), temperature {temperature}, {how}", err=True)
+        typer.echo(f"# {rd} (step {at_step}), temperature {temperature}, {how}", err=True)
         text = generate(model, prompt.encode(), tokens, seq_len=seq_len, vocab=vocab, temperature=temperature,
                         seed=seed, cache=cached)
         sys.stdout.write(prompt + text.decode("utf-8", errors="replace") + "\n")

@@ -11,6 +11,7 @@ import json
 import math
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from bstc import shard
 from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
+from bstc.runtime.rundir import RunLock
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
 from bstc.lower import count_params
 from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, measure_matmul_peak
@@ -152,10 +154,14 @@ class RunResult:
 
 
 class _Signals:
-    """SIGINT/SIGTERM set a flag that the loop checks after each step; a second SIGINT aborts."""
+    """SIGINT/SIGTERM set a flag that the loop checks after each step. A second SIGINT stops at
+    once (KeyboardInterrupt), except during a checkpoint save, which it lets finish first: an
+    impatient double Ctrl-C never leaves only a half-written checkpoint."""
 
     def __init__(self):
         self.received: int | None = None
+        self.saving = False
+        self.abort_after_save = False
         self._old: dict[int, Any] = {}
 
     def __enter__(self):
@@ -166,8 +172,20 @@ class _Signals:
 
     def _handle(self, signum, frame):
         if self.received is not None and signum == signal.SIGINT:
+            if self.saving:
+                self.abort_after_save = True
+                return
             raise KeyboardInterrupt
         self.received = signum
+
+    def save(self, fn) -> None:
+        self.saving = True
+        try:
+            fn()
+        finally:
+            self.saving = False
+        if self.abort_after_save:
+            raise KeyboardInterrupt
 
     def __exit__(self, *exc):
         for s, h in self._old.items():
@@ -188,16 +206,23 @@ def write_run_files(run_dir: Path, cfg: RunConfig, spec: ModelSpec) -> None:
     (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
-def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = False,
-          progress: bool = True, nan_at_step: int | None = None, plot: bool = True,
-          tensorboard: bool = True, stop_after: int | None = None) -> RunResult:
-    """Train `spec` as configured, writing everything into `run_dir`.
+def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, **kwargs) -> RunResult:
+    """Train `spec` as configured, writing everything into `run_dir`, which no other
+    `bstc train` may use meanwhile (the lock is taken by process 0 of a multi-host run).
+    Keyword arguments as `_train`."""
+    if jax.process_index() > 0:
+        return _train(cfg, Path(run_dir), spec, **kwargs)
+    with RunLock(Path(run_dir)):
+        return _train(cfg, Path(run_dir), spec, **kwargs)
 
-    `stop_after` saves a checkpoint and returns after that step as if the run were killed
+
+def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = False,
+           progress: bool = True, nan_at_step: int | None = None, plot: bool = True,
+           tensorboard: bool = True, stop_after: int | None = None,
+           resume_step: int | None = None) -> RunResult:
+    """`stop_after` saves a checkpoint and returns after that step as if the run were killed
     there (the schedule still spans `cfg.steps`); `nan_at_step` poisons one step's loss.
-    Both are hooks for the tests.
-    """
-    run_dir = Path(run_dir)
+    Both are hooks for the tests."""
     seq_len = cfg.seq_len or spec.seq_len
     if not seq_len:
         raise UsageError("the sequence length is unknown: the model has no seq_len; pass --seq-len")
@@ -229,13 +254,20 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     meta = dict(fingerprint=spec.fingerprint, seq_len=seq_len)
 
     start = 0
-    if resume and ckpt.latest() is not None:
+    say = lambda msg: print(f"bstc: {msg}", file=sys.stderr, flush=True)  # noqa: E731
+    if resume and not ckpt.steps():
+        say(f"{ckpt_dir} has no checkpoint yet: starting from step 0")
+    elif resume:
         try:
-            state, _ = ckpt.restore(ckpt.latest(), state, data_iter, spec.fingerprint)
+            start, state = ckpt.restore_readable(state, data_iter, spec.fingerprint, step=resume_step, say=say)
+            # Newer checkpoints (unreadable ones, or past the chosen step) are kept, not
+            # deleted, but out of the way: this run saves those steps again.
+            moved = ckpt.set_aside(start, run_dir / "checkpoints.set-aside")
         except BaseException:
             ckpt.close()
             raise
-        start = int(state.step)
+        if moved:
+            say(f"moved checkpoints {moved} to {run_dir / 'checkpoints.set-aside'}; resuming at step {start}")
     write_run_files(run_dir, cfg, spec)  # only now: a refused resume leaves the run as it was
 
     bar = ProgressBar(cfg.steps, start, enabled=progress)
@@ -255,8 +287,10 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
     tokens_per_step = cfg.batch * seq_len * (sum(cfg.length_mix) / len(cfg.length_mix) if cfg.length_mix else 1)
     tps, t_last = 0.0, None
 
+    sig = _Signals()
+
     def save(step: int) -> None:
-        ckpt.save(step, state, data_iter, meta)
+        sig.save(lambda: ckpt.save(step, state, data_iter, meta))
 
     def run_eval(step: int) -> None:
         if not val_batches:
@@ -269,7 +303,7 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
         bar.print(f"step {step}: validation loss {r['loss']:.4f} · {r['bpb']:.3f} bits/byte{acc}")
 
     try:
-        with _Signals() as sig, bar:
+        with sig, bar:
             for step in range(start + 1, cfg.steps + 1):
                 batch = next(data_iter)
                 if sh is not None:  # this process's rows → one global array per key
@@ -315,6 +349,12 @@ def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fals
                                       f"`bstc train --resume -o {run_dir}`", sig.received)
             run_eval(result.step)
             save(result.step)
+    except KeyboardInterrupt:
+        last = ckpt.latest()
+        where = (f"the last checkpoint is step {last}; continue with `bstc train --resume -o {run_dir}`"
+                 if last is not None else "no checkpoint was saved; --resume would start from step 0")
+        raise Interrupted(f"interrupted twice: stopped at step {result.step}; {where}",
+                          signal.SIGINT) from None
     finally:
         writer.close()
         ckpt.close()

@@ -145,15 +145,39 @@ def test_checkpoint_of_a_different_model_is_a_clear_error(tmp_path):
         train(cfg(steps=4), run, other, resume=True, **QUIET)
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
-    run = tmp_path / "r"
-    train(cfg(steps=2, ckpt_every=2), run, standin(), **QUIET)
-    step_dir = run / "checkpoints" / "2"
+def _corrupt(step_dir):
     for f in (step_dir / "state").rglob("*"):
         if f.is_file() and f.stat().st_size > 0 and "metadata" not in f.name:
             f.write_bytes(b"garbage")
-    with pytest.raises(CheckpointError, match="corrupt or unreadable"):
-        train(cfg(steps=4), run, standin(), resume=True, **QUIET)
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path, capsys):
+    ref = train(cfg(steps=6, ckpt_every=2), tmp_path / "ref", standin(), **QUIET)
+    run = tmp_path / "r"
+    train(cfg(steps=6, ckpt_every=2), run, standin(), stop_after=4, **QUIET)
+    _corrupt(run / "checkpoints" / "4")
+    res = train(cfg(steps=6, ckpt_every=2), run, standin(), resume=True, **QUIET)
+    err = capsys.readouterr().err
+    assert "checkpoints/4 is corrupt or unreadable" in err and "using checkpoint step 2" in err, err
+    assert (run / "checkpoints.set-aside" / "4").is_dir()  # kept, out of the way
+    assert sorted(res.losses) == [3, 4, 5, 6]
+    np.testing.assert_allclose([res.losses[s] for s in (3, 4, 5, 6)], [ref.losses[s] for s in (3, 4, 5, 6)],
+                               rtol=1e-6)
+    for s in (2, 4):
+        _corrupt(run / "checkpoints" / str(s))
+    _corrupt(run / "checkpoints" / "6")
+    with pytest.raises(CheckpointError, match="no checkpoint in .* is readable"):
+        train(cfg(steps=8), run, standin(), resume=True, **QUIET)
+
+
+def test_resume_from_a_chosen_step(tmp_path, capsys):
+    ref = train(cfg(steps=6, ckpt_every=2), tmp_path / "ref", standin(), **QUIET)
+    res = train(cfg(steps=6, ckpt_every=2), tmp_path / "ref", standin(), resume=True, resume_step=2, **QUIET)
+    assert "moved checkpoints [4, 6]" in capsys.readouterr().err
+    np.testing.assert_allclose([res.losses[s] for s in (3, 4, 5, 6)], [ref.losses[s] for s in (3, 4, 5, 6)],
+                               rtol=1e-6)
+    with pytest.raises(UsageError, match=r"no checkpoint for step 5 .*have \[2, 4, 6\]"):
+        train(cfg(steps=6), tmp_path / "ref", standin(), resume=True, resume_step=5, **QUIET)
 
 
 def test_gradient_accumulation_matches_one_big_batch(tmp_path):

@@ -48,6 +48,12 @@ class _Fail(Exception):
     pass
 
 
+# One limit for every number from every source (a literal, an expression, a `--set`, a Python
+# override): no size in a model gets near it, and checking it before `**` is computed means no
+# expression can take long to evaluate.
+NUMBER_LIMIT = 10**18
+
+
 _OPS = {
     "+": lambda a, b: a + b,
     "-": lambda a, b: a - b,
@@ -69,7 +75,7 @@ def evaluate(expr, scope: Scope, errors: Collector):
 
 def _eval(e, scope: Scope, errors: Collector):
     if isinstance(e, ast.Num):
-        return e.value
+        return _checked(e.value, e, errors)
     if isinstance(e, ast.Str):
         return e.value
     if isinstance(e, ast.Name):
@@ -95,22 +101,46 @@ def _eval(e, scope: Scope, errors: Collector):
         if e.op in ("/", "//", "%") and b == 0:
             errors.error(e.span, "division by zero")
             raise _Fail
+        if e.op == "**":
+            _check_power(a, b, e, errors)
         try:
             r = _OPS[e.op](a, b)
         except OverflowError:
-            errors.error(e.span, "number too large")
+            errors.error(e.span, "number too large", "numbers are limited to 10^18")
             raise _Fail from None
-        if isinstance(r, float) and not math.isfinite(r):
-            errors.error(e.span, "expression is not a finite number")
-            raise _Fail
-        if isinstance(r, (int, float)) and abs(r) > 1e18:
-            errors.error(e.span, "number too large")
-            raise _Fail
-        return r
+        return _checked(r, e, errors)
     if isinstance(e, ast.Edge):
         errors.error(e.span, "a context edge is only allowed as the 'context' argument of a sublayer")
         raise _Fail
     raise TypeError(f"not an expression: {e!r}")
+
+
+def _check_power(a, b, node, errors: Collector) -> None:
+    """Refuse a power before computing it: `10 ** 10 ** 10` would otherwise run for ever."""
+    if a == 0 and b < 0:
+        errors.error(node.span, "division by zero", "zero has no negative powers")
+        raise _Fail
+    if a < 0 and b != int(b):
+        errors.error(node.span, "a negative number to a fractional power is not a real number")
+        raise _Fail
+    if a != 0 and b * math.log2(abs(a)) > 60:  # 2^60 ≈ 1.15e18: the result is over the limit
+        errors.error(node.span, "number too large", "numbers are limited to 10^18")
+        raise _Fail
+
+
+def _checked(v, node, errors: Collector):
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        if isinstance(v, complex):
+            errors.error(node.span, "expression is not a real number")
+            raise _Fail
+        return v
+    if isinstance(v, float) and not math.isfinite(v):
+        errors.error(node.span, "expression is not a finite number")
+        raise _Fail
+    if abs(v) > NUMBER_LIMIT:
+        errors.error(node.span, "number too large", "numbers are limited to 10^18")
+        raise _Fail
+    return v
 
 
 def _need_number(v, node, scope: Scope, errors: Collector) -> None:
