@@ -83,6 +83,8 @@ def parse_set_items(items) -> dict[str, str]:
         name, value = name.strip(), value.strip()
         if not sep or not name.isidentifier() or not value:
             raise ValueError(f"--set expects NAME=VALUE, got '{item}'")
+        if name in out:
+            raise ValueError(f"--set {name} is given twice ({name}={out[name]} and {name}={value}): keep one")
         out[name] = value
     return out
 

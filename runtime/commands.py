@@ -226,7 +226,7 @@ def eval_cmd(
         None, help="A run directory written by `bstc train` (default: the latest under ./runs)."),
     lengths: Optional[str] = typer.Option(
         None, "--lengths", help="Sequence lengths, e.g. 512,1024,2048,4096 (default: 1, 2, 4, 8 × the training length)."),
-    split: str = typer.Option("validation", "--split", help="validation or test."),
+    split: str = typer.Option("validation", "--split", help="validation, test, or train (to compare with the training loss)."),
     max_tokens: int = typer.Option(2**17, "--max-tokens", help="Tokens evaluated per length (the same prefix of the split)."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the latest)."),
 ):

@@ -40,7 +40,7 @@ def zoo_dir() -> Path | None:
 
 def zoo_names() -> list[str]:
     z = zoo_dir()
-    return sorted(p.stem for p in z.iterdir() if p.suffix in (".bst", ".yaml")) if z else []
+    return sorted({p.stem for p in z.iterdir() if p.suffix in (".bst", ".yaml")}) if z else []
 
 
 def resolve_model(name: str) -> Path:

@@ -321,3 +321,69 @@ def test_resume_refuses_another_seed_or_model_setting_by_name(tmp_path):
     with pytest.raises(UsageError, match=r"--set d_model=64 \(the run has 128\) would change the model"):
         _refuse_changes_on_resume(tmp_path, c, {}, {"d_model": "64"})
     _refuse_changes_on_resume(tmp_path, c, {"seed": 0, "steps": 900}, {"d_model": "128"})  # same: fine
+
+
+# ---- 13: checker messages and rules ---------------------------------------------------------
+BLOCK_TEMPLATE = """model m {{
+  vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+{top}  block b{params} {{
+    ssm = s4d(state: 16{ssm})
+    attn = block_attention(window: window, context: {edge})
+  }}
+  layers {{ embed; b; b; {extra}head tied }}
+}}
+"""
+
+
+def _model(top="", params="", ssm="", edge="ssm -> sh", extra=""):
+    return BLOCK_TEMPLATE.format(top=top, params=params, ssm=ssm, edge=edge, extra=extra)
+
+
+@pytest.mark.parametrize("text, want", [
+    (_model(params="(heads = 8)"), "3:11 block parameter 'heads' is never used in block 'b'"),
+    (_model(params="(unused = 3)"), "3:11 block parameter 'unused' is never used in block 'b'"),
+    (_model(params="(sh = 3)"), "3:11 'sh' names a context variant and cannot name a parameter"),
+    (_model(top="  mf = 2\n"), "3:3 'mf' names a context variant and cannot name a parameter"),
+    (_model(extra="b.0 { attn.context = none }; "), "7:31 a per-occurrence override cannot change a context edge"),
+    (_model(extra="b.1 { ssm.state = 8 }; b.1 { ssm.state = 4 }; "), "7:54 b.1 ssm.state is overridden twice"),
+    (_model(edge="a.ssm -> sh"), "5:54 unexpected '.'"),
+])
+def test_checker_rules(text, want):
+    assert _errors(text) == [want]
+
+
+def test_edge_into_another_block_gets_a_hint():
+    with pytest.raises(BstcError) as e:
+        bstc.parse(_model(edge="a.ssm -> sh"))
+    assert "a sublayer of another block cannot be a source" in e.value.diagnostics[0].hint
+
+
+def test_a_post_norm_context_source_has_no_unused_norm():
+    m = bstc.parse(_model(ssm=", placement: post"))
+    ssm = m.layers[0].sublayers[0]
+    assert not ssm.residual and ssm.norm == "none"
+    model = bstc.load(m, key=jax.random.key(0))
+    assert bstc.explain(m).params == sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
+    assert model.stages[0].unit[0].subs[0].norm is None
+
+
+def test_same_set_twice_is_refused():
+    from bstc.frontend import parse_set_items
+
+    with pytest.raises(ValueError, match="--set d_model is given twice"):
+        parse_set_items(["d_model=64", "d_model=128"])
+
+
+def test_divisibility_hint_does_not_repeat_itself():
+    errs = _errors(_model().replace("seq_len = 64", "seq_len = 8"))
+    assert errs[0].startswith("2:54 seq_len (8) is not divisible by window (16)")
+    with pytest.raises(BstcError) as e:
+        bstc.parse(_model().replace("seq_len = 64", "seq_len = 8"))
+    assert e.value.diagnostics[0].hint == "try seq_len = 16"
+
+
+def test_deep_repeat_nesting_is_named_as_such():
+    body = "repeat 1 { " * 250 + "b" + " }" * 250
+    text = _model().replace("layers { embed; b; b; ", "layers { embed; " + body + "; ")
+    errs = _errors(text)
+    assert len(errs) == 1 and errs[0].endswith("`repeat` is nested too deeply"), errs

@@ -92,6 +92,8 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
         norm = _universal(universal, "norm", params["norm"], ("rms", "layer", "none"), errors)
         placement = _universal(universal, "placement", params["placement"], ("pre", "post"), errors)
         residual = _universal(universal, "residual", sub.name not in consumed, (True, False), errors)
+        if not residual and placement == "post":
+            norm = "none"  # a post-norm normalises the residual stream after the add: with no add it never runs
         shape = op.out_shape(args, dims)
         if residual and not shallow and tuple(shape) != ("B", dims.seq_len, dims.d_model):
             span, hint = sub.span, "feed it to block_attention with a context edge, or give it `filters: 1`"
@@ -105,7 +107,7 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
         subs.append(ir.Sublayer(sub.name, sub.kind, tuple(sorted(args.items())), norm, placement, bool(residual),
                                 ctx, tuple(shape), span=sub.span,
                                 arg_spans=tuple((k, a.span) for k, a in sub.args.items())))
-    if not any(s.residual for s in subs) and subs:
+    if not any(s.residual for s in subs) and subs and len(errors.diagnostics) == n_before:
         errors.error(raw.span, f"block '{raw.block}' adds nothing to the residual stream",
                      "at least one sublayer must have residual: true")
     if len(errors.diagnostics) > n_before:

@@ -12,6 +12,11 @@ from bstc.errors import Collector, Span, suggest
 from bstc.syntax import ast
 
 
+# Names an edge's variant may take (`ssm -> sh`): a parameter of one of these names would
+# silently capture the variant, so none may be declared.
+CONTEXT_VARIANT_NAMES = ("sh", "mh", "mf", "none")
+
+
 class Symbol(str):
     """An identifier that named no parameter: an enum value, or a typo."""
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from bstc.errors import Collector, Span, suggest, suggest_or_list
-from bstc.passes.evaluate import Scope, Symbol, evaluate
+from bstc.passes.evaluate import CONTEXT_VARIANT_NAMES, Scope, Symbol, evaluate
 from bstc.syntax import ast
 from bstc.syntax.dsl import RESERVED_BLOCK_NAMES
 
@@ -37,6 +37,7 @@ class RawInstance:
     share: str | None
     span: Span | None
     subs: list
+    overridden: dict = field(default_factory=dict)  # (sublayer, argument) -> span of its override
 
 
 @dataclass
@@ -54,7 +55,7 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
             errors.error(b.span, f"block '{b.name}' is defined twice",
                          f"first defined at line {blocks[b.name].span.line if blocks[b.name].span else '?'}")
             continue
-        _check_block_def(b, errors)
+        _check_block_def(b, errors, scope)
         blocks[b.name] = b
         if b.name in RESERVED_BLOCK_NAMES:
             errors.error(b.span, f"'{b.name}' is a reserved word and cannot name a block",
@@ -135,7 +136,20 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
     return out
 
 
-def _check_block_def(b: ast.BlockDef, errors: Collector) -> None:
+def _arg_names(e):
+    """Every Name in an argument's expression, including an edge's variant."""
+    if isinstance(e, ast.Edge):
+        yield ast.Name(e.variant, e.variant_span)
+    elif isinstance(e, ast.Name):
+        yield e
+    elif isinstance(e, ast.BinOp):
+        yield from _arg_names(e.left)
+        yield from _arg_names(e.right)
+    elif isinstance(e, ast.Neg):
+        yield from _arg_names(e.operand)
+
+
+def _check_block_def(b: ast.BlockDef, errors: Collector, scope: Scope) -> None:
     names: dict[str, ast.SubDef] = {}
     for s in b.subs:
         if s.name in names:
@@ -148,10 +162,20 @@ def _check_block_def(b: ast.BlockDef, errors: Collector) -> None:
                 errors.error(a.span, f"argument '{a.name}' is given twice")
             seen_args.add(a.name)
     seen = set()
+    used = {n.id for s in b.subs for a in s.args for n in _arg_names(a.value)}
     for p in b.params:
         if p.name in seen:
             errors.error(p.span, f"block parameter '{p.name}' is declared twice")
         seen.add(p.name)
+        if p.name in CONTEXT_VARIANT_NAMES:
+            errors.error(p.span, f"'{p.name}' names a context variant and cannot name a parameter",
+                         "choose another name, e.g. `context`")
+        elif p.name not in used:
+            found, _ = scope.lookup(p.name)
+            hint = (f"'{p.name}' is a model parameter, which a block cannot change: pass the value to a "
+                    "sublayer argument that takes it, or remove it" if found
+                    else "use it in a sublayer's arguments, or remove it")
+            errors.error(p.span, f"block parameter '{p.name}' is never used in block '{b.name}'", hint)
     if not b.subs:
         errors.error(b.span, f"block '{b.name}' has no sublayers")
 
@@ -220,7 +244,7 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
             bound[p.name] = evaluate(p.default, scope, errors)
     if not ok:
         return None
-    inner = Scope(bound, scope)
+    inner = Scope({k: v for k, v in bound.items() if k not in CONTEXT_VARIANT_NAMES}, scope)  # reported
     subs = []
     for s in b.subs:
         args = {}
@@ -249,6 +273,17 @@ def _apply_override(inst: RawInstance, ov: ast.Override, b: ast.BlockDef, scope:
         if s is None:
             errors.error(st.span, f"block '{b.name}' has no sublayer '{st.sub}'", suggest_or_list(st.sub, subs, "sublayers"))
             continue
+        if st.param == "context":
+            errors.error(st.span, "a per-occurrence override cannot change a context edge",
+                         f"give block '{b.name}' a variant parameter (`block {b.name}(context = sh)` with "
+                         f"`src -> context`) and write `{b.name}(context = none)` for this occurrence")
+            continue
+        key = (st.sub, st.param)
+        if key in inst.overridden:
+            errors.error(st.span, f"{b.name}.{inst.index} {st.sub}.{st.param} is overridden twice",
+                         f"first at line {inst.overridden[key].line}; keep one")
+            continue
+        inst.overridden[key] = st.span
         v = evaluate(st.value, scope, errors)
         s.args[st.param] = RawArg(v, st.span)
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from bstc.errors import Collector, Span, suggest
 from bstc.ops.base import Dims
-from bstc.passes.evaluate import Scope, Symbol, describe, evaluate
+from bstc.passes.evaluate import CONTEXT_VARIANT_NAMES, Scope, Symbol, describe, evaluate
 from bstc.syntax import ast
 
 REQUIRED_PARAMS = ("vocab", "d_model", "heads", "window", "seq_len")
@@ -87,6 +87,10 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
                          f"first defined at line {seen[a.name].line}")
             continue
         seen[a.name] = a.span
+        if a.name in CONTEXT_VARIANT_NAMES:
+            errors.error(a.span, f"'{a.name}' names a context variant and cannot name a parameter",
+                         "choose another name")
+            continue
         expr = over[a.name].value if a.name in over else a.value
         if _check_forward_refs(expr, scope, pending_later, a.name, errors, a.span):
             v = evaluate(expr, scope, errors)
@@ -153,7 +157,7 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
 
 def _divisible_hint(n: int, d: int, what: str) -> str:
     lo, hi = (n // d) * d, (n // d + 1) * d
-    return f"try {what} = {lo if lo > 0 else hi} or {hi}"
+    return f"try {what} = {lo} or {hi}" if lo > 0 else f"try {what} = {hi}"
 
 
 def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: Collector, where=None) -> bool:

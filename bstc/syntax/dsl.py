@@ -339,6 +339,11 @@ def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
                     hint = _BUILTIN_HINTS[prev.type]
                 elif prev is not None and prev.type != "NAME" and str(prev) in KEYWORDS and "NAME" in expected:
                     hint += f" after '{prev}'"
+                elif str(tok) == "." and prev is not None and prev.type == "NAME" and any(
+                        p.get_terminal(t).pattern.value == "->" for t in expected if t != "$END"):
+                    # `context: a.ssm -> sh`: an edge reaching into another block
+                    hint = ("a context edge's source is a sublayer of the same block, named alone "
+                            "(`ssm -> sh`); a sublayer of another block cannot be a source")
                 errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
                              f"unexpected {_describe_token(tok, p)}", hint)
             # A missing name, number or ')' just before `tok`: supply it and keep `tok`.
@@ -385,18 +390,22 @@ MAX_DEPTH = 200  # nesting of parentheses and operators; real models need a hand
 
 def _too_deep(tree, file: str, errors: Collector, shift=None) -> bool:
     """Report a tree nested deeper than MAX_DEPTH (the passes recurse over it)."""
-    stack = [(tree, 1)]
+    stack = [(tree, 1, False)]
     while stack:
-        node, depth = stack.pop()
+        node, depth, in_repeat = stack.pop()
         if depth > MAX_DEPTH:
             meta = node.meta
             line, col = getattr(meta, "line", 1), getattr(meta, "column", 1)
             if shift is not None:
                 line, col = shift[0] + line - 1, (shift[1] + col - 1) if line == 1 else col
-            errors.error(Span(file, line, col, line, col + 1), "expression is nested too deeply",
-                         f"at most {MAX_DEPTH} levels of parentheses and operators")
+            if in_repeat:
+                msg, hint = "`repeat` is nested too deeply", f"at most {MAX_DEPTH} levels of nesting"
+            else:
+                msg, hint = "expression is nested too deeply", f"at most {MAX_DEPTH} levels of parentheses and operators"
+            errors.error(Span(file, line, col, line, col + 1), msg, hint)
             return True
-        stack.extend((c, depth + 1) for c in node.children if isinstance(c, Tree))
+        stack.extend((c, depth + 1, in_repeat or node.data == "repeat") for c in node.children
+                     if isinstance(c, Tree))
     return False
 
 
