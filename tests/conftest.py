@@ -62,6 +62,13 @@ def zoo_paths():
     return zoo.list_models()
 
 
+def zoo_params(fast=("bst_sh_s4.bst", "transformer.bst")):
+    """Every zoo file as a pytest param; all but `fast` are marked slow. For sweeps whose every
+    layer kind is also covered by the contract test (tests/test_contract.py), so the default
+    suite keeps a representative pair and `pytest -m slow` runs the rest."""
+    return [pytest.param(p, id=p.name, marks=() if p.name in fast else pytest.mark.slow) for p in zoo_paths()]
+
+
 @pytest.fixture
 def tiny():
     return tiny_overrides

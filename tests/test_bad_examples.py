@@ -423,7 +423,7 @@ CASES = [
           layers { embed; local; head tied }
         }
         """,
-         ("3:10", "number too large", None)),
+         ("3:10", "number too large", "numbers are limited to 10^18")),
 
     # ---- model-wide divisibility ---------------------------------------------------------------
     case("seq-len-not-divisible-by-window", """

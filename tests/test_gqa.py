@@ -269,6 +269,7 @@ def _random_relative_bias(model):
                         if is_xl(m) else m, model, is_leaf=is_xl)
 
 
+@pytest.mark.slow
 def test_decode_equals_forward_with_grouped_kv():
     """Every kind with kv_heads < heads decodes like the forward pass, past seq_len, and its
     caches hold kv_heads key/value heads (the memory saving)."""

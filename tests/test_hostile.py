@@ -387,3 +387,14 @@ def test_deep_repeat_nesting_is_named_as_such():
     text = _model().replace("layers { embed; b; b; ", "layers { embed; " + body + "; ")
     errs = _errors(text)
     assert len(errs) == 1 and errs[0].endswith("`repeat` is nested too deeply"), errs
+
+
+def test_an_error_from_a_block_argument_points_at_the_argument():
+    text = """model m {
+  vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+  block b(w = 16) { attn = block_attention(window: w) }
+  layers { embed; b; b(w = 7); b.0 { attn.window = 5 }; head tied }
+}
+"""
+    assert _errors(text) == ["4:24 seq_len (64) is not divisible by window (7)",
+                             "4:38 seq_len (64) is not divisible by window (5)"]

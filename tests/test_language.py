@@ -135,7 +135,9 @@ def test_override_settings_and_aliases():
     assert m.dims.param_dtype == "float32"
     assert {_sub(i, "ssm").kwargs["state"] for i in m.layers if i.block == "bst"} == {16}
     p = bstc.parse(SH, overrides={"norm": "layer", "placement": "post"})
-    assert {(s.norm, s.placement) for i in p.layers for s in i.sublayers} == {("layer", "post")}
+    assert {(s.norm, s.placement) for i in p.layers for s in i.sublayers if s.residual} == {("layer", "post")}
+    # a post-norm normalises the residual stream after the add: a context source has none
+    assert {(s.norm, s.placement) for i in p.layers for s in i.sublayers if not s.residual} == {("none", "post")}
 
 
 # ---- repeats, per-occurrence overrides, sharing, context = none --------------------------------

@@ -14,7 +14,7 @@ import pytest
 import bstc
 from bstc import zoo
 from bstc.lower import Scanned, count_params, lower, plan_stages
-from conftest import tiny_overrides
+from conftest import tiny_overrides, zoo_params
 
 ZOO = [p for p in zoo.list_models()]
 ZOO_IDS = [p.name for p in ZOO]
@@ -51,7 +51,7 @@ def test_zoo_causal(path):
         assert after > 1e-6 * scale, f"perturbing token {t} changed nothing"
 
 
-@pytest.mark.parametrize("path", ZOO, ids=ZOO_IDS)
+@pytest.mark.parametrize("path", zoo_params())
 def test_zoo_gradient_step_reduces_loss(path):
     m = bstc.parse(path, overrides=tiny_overrides(path))
     model = lower(m, key=jax.random.key(2))
@@ -134,6 +134,7 @@ def _compile_seconds(depth: int) -> float:
     return time.perf_counter() - t0
 
 
+@pytest.mark.slow
 def test_compile_time_nearly_flat_in_depth():
     _compile_seconds(2)  # warm up tracing caches
     t6 = min(_compile_seconds(6) for _ in range(2))

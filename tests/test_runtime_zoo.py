@@ -107,7 +107,8 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
 
     # resuming with a different model is refused, and leaves the run as it was
     r = bstc("train", "--resume", "-o", str(run), "--set", "d_model=48", "--steps", "16")
-    assert r.returncode == 1 and "different model" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert r.returncode == 2 and "--set d_model=48" in r.stderr and "would change the model" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
     # continue the finished run for 4 more steps: the same config, only --steps changes
     r = bstc("train", "--resume", "-o", str(run), "--steps", "16", "-q")

@@ -245,6 +245,7 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
     if not ok:
         return None
     inner = Scope({k: v for k, v in bound.items() if k not in CONTEXT_VARIANT_NAMES}, scope)  # reported
+    given_spans = {a.name: a.span for a in use.args if a.name in declared}
     subs = []
     for s in b.subs:
         args = {}
@@ -261,7 +262,10 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
                 vspan = getattr(var, "span", None) if found and isinstance(var, Symbol) else None
                 edge = (a.value, variant, vspan or a.value.variant_span)
                 continue
-            args[a.name] = RawArg(evaluate(a.value, inner, errors), a.span)
+            # A value that comes from an argument given at this use (`b(w = 7)`) is reported
+            # there: that is where the user wrote the number the error is about.
+            given = [given_spans[n.id] for n in _arg_names(a.value) if n.id in given_spans]
+            args[a.name] = RawArg(evaluate(a.value, inner, errors), given[0] if given else a.span)
         subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edge))
     return RawInstance(b.name, idx, use.share, use.span, subs)
 
