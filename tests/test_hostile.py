@@ -398,3 +398,54 @@ def test_an_error_from_a_block_argument_points_at_the_argument():
 """
     assert _errors(text) == ["4:24 seq_len (64) is not divisible by window (7)",
                              "4:38 seq_len (64) is not divisible by window (5)"]
+
+
+# ---- soak: five SIGKILLs at random steps, each followed by --resume ---------------------------
+SOAK_SCRIPT = r"""
+import sys; sys.path.insert(0, {tests!r})
+from test_runtime_train import standin, cfg
+from bstc.runtime import train
+train(cfg(steps=40, ckpt_every=3, eval_every=0), {run!r}, standin(), resume={resume}, progress=False,
+      plot=False, tensorboard=False)
+"""
+
+
+@pytest.mark.slow
+def test_soak_kill_nine_five_times_then_equal_to_an_uninterrupted_run(tmp_path):
+    import random
+    import signal
+
+    from test_runtime_train import QUIET, cfg, standin
+
+    from bstc.runtime import train
+    from bstc.runtime.metrics import read_metrics
+
+    tests = str(Path(__file__).parent)
+    ref = train(cfg(steps=40, ckpt_every=3, eval_every=0), tmp_path / "ref", standin(), **QUIET)
+    run = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parent.parent))
+    rng = random.Random(0)
+    kills = sorted(rng.sample(range(4, 38), 5))
+    for i, at in enumerate(kills):
+        code = SOAK_SCRIPT.format(tests=tests, run=str(run), resume=i > 0)
+        p = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.time() + 300
+            while time.time() < deadline and p.poll() is None:
+                done = [r["step"] for r in read_metrics(run) if r.get("split") == "train"] if run.exists() else []
+                if done and max(done) >= at:
+                    break
+                time.sleep(0.05)
+            assert p.poll() is None, p.communicate()[1]
+            p.send_signal(signal.SIGKILL)
+            p.wait(timeout=60)
+        finally:
+            if p.poll() is None:
+                p.kill()
+    code = SOAK_SCRIPT.format(tests=tests, run=str(run), resume=True)
+    p = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    got = {r["step"]: r["loss"] for r in read_metrics(run) if r.get("split") == "train"}
+    assert sorted(got) == list(range(1, 41))
+    np.testing.assert_allclose([got[s] for s in range(1, 41)], [ref.losses[s] for s in range(1, 41)], rtol=1e-6)
