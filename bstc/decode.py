@@ -23,107 +23,39 @@ Scanned stacks keep stacked caches and run their step under `lax.scan`, like the
 """
 from __future__ import annotations
 
-from typing import Any
-
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from bstc.lower import _DTYPES, Block, LoweredModel, Scanned, SharedRef, Single, cast_floating
+from bstc.lower import _DTYPES, LoweredModel, cast_floating
 
 __all__ = ["decodable", "init_caches", "step", "decode_logits"]
 
 
-def _blocks(model: LoweredModel):
-    for stage in model.stages:
-        if isinstance(stage, Scanned):
-            yield from stage.unit
-        elif isinstance(stage, Single):
-            yield stage.block
-    yield from model.shared.values()
-
-
 def decodable(model: LoweredModel) -> tuple[bool, str]:
     """(True, "") when every sublayer has a decode step, else (False, the kinds that have none)."""
-    missing = sorted({type(sub.op).__name__ for blk in _blocks(model) for sub in blk.subs
-                      if not hasattr(sub.op, "decode")})
+    missing = sorted({name for blk in model.blocks() for name in blk.decodable()})
     return (not missing, ", ".join(missing))
-
-
-# ---- caches ----------------------------------------------------------------------------------
-
-
-def _block_cache(block: Block, batch: int, dtype, length: int | None) -> tuple:
-    return tuple((sub.norm.init_cache(batch, dtype, length) if sub.norm is not None else None,
-                  sub.op.init_cache(batch, dtype, length)) for sub in block.subs)
 
 
 def init_caches(model: LoweredModel, batch: int, length: int | None = None) -> tuple:
     """One cache per stage (a stacked one for a scanned stage, one per occurrence of a shared
     block). `length`: how many tokens will be decoded (full attention caches that many)."""
     dt = _DTYPES[model.dtype]
-    out = []
-    for stage in model.stages:
-        if isinstance(stage, Scanned):
-            # Layer by layer: a cache may start from learned parameters (a BRT's initial state),
-            # so layer 0's cache broadcast to the others would be wrong.
-            unit = tuple(eqx.filter_vmap(lambda b: _block_cache(b, batch, dt, length))(b) for b in stage.unit)
-            out.append(unit)
-        elif isinstance(stage, SharedRef):
-            out.append(_block_cache(model.shared[stage.group], batch, dt, length))
-        else:
-            out.append(_block_cache(stage.block, batch, dt, length))
-    return tuple(out)
-
-
-# ---- one token -------------------------------------------------------------------------------
-
-
-def _block_step(block: Block, cache: tuple, x: Float[Array, "B D"], t) -> tuple[tuple, Float[Array, "B D"]]:
-    """Block.__call__ for one token: the same residual stream, norms and context edges."""
-    outputs: dict[str, Any] = {}
-    new = []
-    for sub, (nc, oc) in zip(block.subs, cache):
-        h = x
-        if sub.norm is not None and sub.placement == "pre":
-            nc, h = sub.norm.decode(nc, x, t)
-        ctx = outputs[sub.context_source] if sub.context_source else None
-        oc, y = sub.op.decode(oc, h, t, context=ctx)
-        if sub.keep_output:
-            outputs[sub.name] = y
-        if sub.residual:
-            x = x + y.astype(x.dtype)
-            if sub.norm is not None and sub.placement == "post":
-                nc, x = sub.norm.decode(nc, x, t)
-        new.append((nc, oc))
-    return tuple(new), x
+    return tuple(stage.init_cache(batch, dt, length, model.shared) for stage in model.stages)
 
 
 def step(model: LoweredModel, caches: tuple, tokens: Int[Array, "B"], t) -> tuple[tuple, Float[Array, "B V"]]:
-    """Feed token `tokens` at position t: (new caches, float32 logits for position t + 1)."""
+    """Feed token `tokens` at position t: (new caches, float32 logits for position t + 1).
+    Each block runs its one walk over norms, residuals and context edges (`Block.step`)."""
     dt = _DTYPES[model.dtype]
     m = cast_floating(model, dt)
     t = jnp.asarray(t, jnp.int32)
     x = m.embed(tokens[:, None])[:, 0].astype(dt)
     new = []
     for stage, cache in zip(m.stages, caches):
-        if isinstance(stage, Scanned):
-            params, static = eqx.partition(stage.unit, eqx.is_array)
-
-            def body(x, pc, static=static):
-                p, c = pc
-                unit = eqx.combine(p, static)
-                out = []
-                for blk, bc in zip(unit, c):
-                    bc, x = _block_step(blk, bc, x, t)
-                    out.append(bc)
-                return x, tuple(out)
-
-            x, cache = jax.lax.scan(body, x, (params, cache))
-        else:
-            block = m.shared[stage.group] if isinstance(stage, SharedRef) else stage.block
-            cache, x = _block_step(block, cache, x, t)
+        cache, x = stage.step(cache, x, t, m.shared)
         new.append(cache)
     if m.final_norm is not None:
         x = m.final_norm(x[:, None])[:, 0]

@@ -42,24 +42,79 @@ class Sub(eqx.Module):
     norm_kind: str | None = eqx.field(static=True, default=None)  # `op` and `norm`
 
 
+def split_aux(out):
+    """An op's output and its auxiliary loss: ops whose class sets `returns_aux` return
+    `(y, aux)` with aux a float32 scalar, already weighted (a router's load-balancing loss);
+    every other op returns y alone."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
 class Block(eqx.Module):
+    """One block occurrence. `_walk` is the only place where norm placement, the residual
+    stream and context edges are written: the forward pass and the one-token decode step
+    differ only in how a norm and an op are applied."""
+
     subs: tuple[Sub, ...]
 
-    def __call__(self, x: Float[Array, "B L D"], *, key=None) -> Float[Array, "B L D"]:
+    def _walk(self, x, apply_norm, apply_op):
         outputs: dict[str, Any] = {}
-        keys = jax.random.split(key, len(self.subs)) if key is not None else [None] * len(self.subs)
-        for sub, k in zip(self.subs, keys):
-            h = sub.norm(x) if (sub.norm is not None and sub.placement == "pre") else x
+        aux = jnp.zeros((), jnp.float32)
+        for i, sub in enumerate(self.subs):
+            h = apply_norm(i, sub, x) if (sub.norm is not None and sub.placement == "pre") else x
             ctx = outputs[sub.context_source] if sub.context_source else None
-            y = sub.op(h, context=ctx, key=k)
-            if sub.keep_output:  # a context source (SSM): its FFT convolution splits over channels
-                y = constrain(y, SOURCE.get(y.ndim, ()))
+            y, a = apply_op(i, sub, h, ctx)
+            if a is not None:
+                aux = aux + a
+            if sub.keep_output:
                 outputs[sub.name] = y
             if sub.residual:
                 x = x + y.astype(x.dtype)
                 if sub.norm is not None and sub.placement == "post":
-                    x = sub.norm(x)
-        return constrain(x, ACTIVATION)  # block boundary: (batch, seq, embed) per the mesh rules
+                    x = apply_norm(i, sub, x)
+        return x, aux
+
+    def forward(self, x: Float[Array, "B L D"], *, key=None) -> tuple[Float[Array, "B L D"], Array]:
+        """(output, auxiliary loss of this block's ops)."""
+        keys = jax.random.split(key, len(self.subs)) if key is not None else [None] * len(self.subs)
+
+        def apply_op(i, sub, h, ctx):
+            y, a = split_aux(sub.op(h, context=ctx, key=keys[i]))
+            if sub.keep_output:  # a context source (SSM): its FFT convolution splits over channels
+                y = constrain(y, SOURCE.get(y.ndim, ()))
+            return y, a
+
+        x, aux = self._walk(x, lambda i, sub, x: sub.norm(x), apply_op)
+        return constrain(x, ACTIVATION), aux  # block boundary: (batch, seq, embed) per the mesh rules
+
+    def __call__(self, x: Float[Array, "B L D"], *, key=None) -> Float[Array, "B L D"]:
+        return self.forward(x, key=key)[0]
+
+    # ---- decoding (bstc.decode): the same walk, one token at a time with a cache per layer ----
+    def decodable(self) -> list[str]:
+        """Names of the op classes here that have no decode step."""
+        return [type(m).__name__ for sub in self.subs for m in (sub.op, sub.norm)
+                if m is not None and not hasattr(m, "decode")]
+
+    def init_cache(self, batch: int, dtype, length: int | None) -> tuple:
+        return tuple((sub.norm.init_cache(batch, dtype, length) if sub.norm is not None else None,
+                      sub.op.init_cache(batch, dtype, length)) for sub in self.subs)
+
+    def step(self, cache: tuple, x: Float[Array, "B D"], t) -> tuple[tuple, Float[Array, "B D"]]:
+        new = [list(c) for c in cache]
+
+        def apply_norm(i, sub, x):
+            new[i][0], y = sub.norm.decode(new[i][0], x, t)
+            return y
+
+        def apply_op(i, sub, h, ctx):
+            new[i][1], y = sub.op.decode(new[i][1], h, t, context=ctx)
+            return y, None
+
+        x, _ = self._walk(x, apply_norm, apply_op)
+        return tuple(tuple(c) for c in new), x
+
+
+# ---- stages: every stage runs, caches and steps its blocks behind the same three methods ----
 
 
 class Scanned(eqx.Module):
@@ -69,33 +124,88 @@ class Scanned(eqx.Module):
     count: int = eqx.field(static=True)
     remat: str = eqx.field(static=True)
 
-    def __call__(self, x, *, keys=None):
+    def blocks(self, shared) -> tuple[Block, ...]:
+        return self.unit
+
+    def run(self, x, aux, *, key, pos: int, shared):
+        keys = None
+        if key is not None:  # block occurrence i gets fold_in(key, i), as unrolled
+            n = self.count * len(self.unit)
+            keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(pos + jnp.arange(n))
+            keys = keys.reshape(self.count, len(self.unit), *keys.shape[1:])
         params, static = eqx.partition(self.unit, eqx.is_array)
 
-        def body(x, inp):
+        def body(carry, inp):
+            x, aux = carry
             p, ks = inp
             unit = eqx.combine(p, static)
             for j, blk in enumerate(unit):
-                x = blk(x, key=None if ks is None else ks[j])
-            return x, None
+                x, a = blk.forward(x, key=None if ks is None else ks[j])
+                aux = aux + a
+            return (x, aux), None
 
         body = _remat(body, self.remat)
-        x, _ = jax.lax.scan(body, x, (params, keys))
-        return x
+        (x, aux), _ = jax.lax.scan(body, (x, aux), (params, keys))
+        return x, aux
+
+    def init_cache(self, batch, dtype, length, shared):
+        # Layer by layer: a cache may start from learned parameters (a BRT's initial state),
+        # so layer 0's cache broadcast to the others would be wrong.
+        return tuple(eqx.filter_vmap(lambda b: b.init_cache(batch, dtype, length))(b) for b in self.unit)
+
+    def step(self, cache, x, t, shared):
+        params, static = eqx.partition(self.unit, eqx.is_array)
+
+        def body(x, pc):
+            p, c = pc
+            unit = eqx.combine(p, static)
+            out = []
+            for blk, bc in zip(unit, c):
+                bc, x = blk.step(bc, x, t)
+                out.append(bc)
+            return x, tuple(out)
+
+        x, cache = jax.lax.scan(body, x, (params, cache))
+        return cache, x
 
 
-class SharedRef(eqx.Module):
+class _OneBlock(eqx.Module):
+    """A stage of one block occurrence: its own (Single) or a share group's (SharedRef)."""
+
+    def block_of(self, shared) -> Block:
+        raise NotImplementedError
+
+    def blocks(self, shared) -> tuple[Block, ...]:
+        return (self.block_of(shared),)
+
+    def run(self, x, aux, *, key, pos: int, shared):
+        k = None if key is None else jax.random.fold_in(key, pos)
+        block, remat = self.block_of(shared), getattr(self, "remat", "none")
+        f = (lambda x, k: block.forward(x, key=k)) if remat == "none" else _remat(
+            lambda x, k: block.forward(x, key=k), remat)
+        x, a = f(x, k)
+        return x, aux + a
+
+    def init_cache(self, batch, dtype, length, shared):
+        return self.block_of(shared).init_cache(batch, dtype, length)
+
+    def step(self, cache, x, t, shared):
+        return self.block_of(shared).step(cache, x, t)
+
+
+class SharedRef(_OneBlock):
     group: str = eqx.field(static=True)
 
+    def block_of(self, shared) -> Block:
+        return shared[self.group]
 
-class Single(eqx.Module):
+
+class Single(_OneBlock):
     block: Block
     remat: str = eqx.field(static=True)
 
-    def __call__(self, x, *, key=None):
-        if self.remat == "none":
-            return self.block(x, key=key)
-        return _remat(lambda x, k: self.block(x, key=k), self.remat)(x, key)
+    def block_of(self, shared) -> Block:
+        return self.block
 
 
 def _remat(f, policy: str):
@@ -126,35 +236,42 @@ class LoweredModel(eqx.Module):
     def __call__(self, tokens: Int[Array, "B L"], *, key=None) -> Float[Array, "B L V"]:
         """Any length L ≥ 1: the sequence is padded to the next multiple of the block length
         and the logits sliced back. Every layer is causal, so the padding cannot change them."""
+        return self.with_aux(tokens, key=key)[0]
+
+    def with_aux(self, tokens: Int[Array, "B L"], *, key=None) -> tuple[Float[Array, "B L V"], Array]:
+        """(logits, auxiliary loss): the sum of the ops' auxiliary losses (a router's load
+        balance, already weighted), a float32 scalar; 0 for a model without such ops. The
+        training loss adds it (bstc.runtime.trainer)."""
         tokens = check_tokens(tokens, self.vocab)
         length = tokens.shape[1]
         pad = -length % self.block_len
         if pad:
             tokens = jnp.pad(tokens, ((0, 0), (0, pad)))
-        return self._forward(tokens, key=key)[:, :length]
+        logits, aux = self._forward(tokens, key=key)
+        return logits[:, :length], aux
 
     def _forward(self, tokens, *, key=None):
         dt = _DTYPES[self.dtype]
         m = cast_floating(self, dt)
         x = constrain(m.embed(tokens).astype(dt), ACTIVATION)
+        aux = jnp.zeros((), jnp.float32)
         for stage, pos in zip(m.stages, m.positions):
-            if isinstance(stage, Scanned):
-                keys = None
-                if key is not None:
-                    n = stage.count * len(stage.unit)
-                    keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(pos + jnp.arange(n))
-                    keys = keys.reshape(stage.count, len(stage.unit), *keys.shape[1:])
-                x = stage(x, keys=keys)
-            else:
-                k = None if key is None else jax.random.fold_in(key, pos)
-                if isinstance(stage, SharedRef):
-                    x = m.shared[stage.group](x, key=k)
-                else:
-                    x = stage(x, key=k)
+            x, aux = stage.run(x, aux, key=key, pos=pos, shared=m.shared)
         if m.final_norm is not None:
             x = m.final_norm(x)
         logits = m.head(x, embedding=m.embed)
-        return logits.astype(jnp.float32)
+        return logits.astype(jnp.float32), aux
+
+    def blocks(self):
+        """Every distinct block module (a scanned unit's blocks hold stacked weights)."""
+        for stage in self.stages:
+            if not isinstance(stage, SharedRef):
+                yield from stage.blocks(self.shared)
+        yield from self.shared.values()
+
+    @property
+    def has_aux(self) -> bool:
+        return any(getattr(sub.op, "returns_aux", False) for blk in self.blocks() for sub in blk.subs)
 
 
 def check_tokens(tokens, vocab: int):

@@ -56,13 +56,19 @@ def init_state(spec: ModelSpec, cfg: RunConfig, tx: optax.GradientTransformation
 # ---- loss and steps ------------------------------------------------------------------------------
 
 
-def token_losses(model, batch, key=None):
-    """(B, L) next-token NLL in f32 and (B, L) correctness of the argmax prediction."""
-    logits = model(batch["inputs"], key=key).astype(jnp.float32)  # (B, L, V)
+def token_losses(model, batch, key=None, with_aux: bool = False):
+    """(B, L) next-token NLL in f32 and (B, L) correctness of the argmax prediction; with
+    `with_aux`, also the model's auxiliary loss (a router's load balance; 0 without one)."""
+    aux = jnp.float32(0)
+    if hasattr(model, "with_aux"):
+        logits, aux = model.with_aux(batch["inputs"], key=key)
+    else:
+        logits = model(batch["inputs"], key=key)
+    logits = logits.astype(jnp.float32)  # (B, L, V)
     logp = jax.nn.log_softmax(logits, axis=-1)
     nll = -jnp.take_along_axis(logp, batch["targets"][..., None], axis=-1)[..., 0]
     correct = (jnp.argmax(logits, axis=-1) == batch["targets"]).astype(jnp.float32)
-    return nll, correct
+    return (nll, correct, aux) if with_aux else (nll, correct)
 
 
 def make_train_step(tx, cfg: RunConfig, multipliers, nan_at_step: int | None = None):
@@ -77,27 +83,30 @@ def make_train_step(tx, cfg: RunConfig, multipliers, nan_at_step: int | None = N
             poison = jnp.where(state.step + 1 == nan_at_step, jnp.float32(jnp.nan), poison)
 
         def loss_fn(model, mb, key):
-            nll, correct = token_losses(model, mb, key)
-            return (nll * mb["mask"]).sum() / denom * poison, (correct * mb["mask"]).sum()
+            # The optimised loss adds the ops' auxiliary loss (averaged over micro-batches);
+            # the reported loss is the next-token NLL alone, comparable across models.
+            nll, correct, aux = token_losses(model, mb, key, with_aux=True)
+            nll = (nll * mb["mask"]).sum() / denom * poison
+            return nll + aux / cfg.accum, (nll, aux, (correct * mb["mask"]).sum())
 
         def micro(carry, xs):
-            g_acc, l_acc, c_acc = carry
+            g_acc, l_acc, a_acc, c_acc = carry
             mb, key = xs
-            (l, c), g = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model, mb, key)
-            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, c_acc + c), None
+            (_, (l, a, c)), g = eqx.filter_value_and_grad(loss_fn, has_aux=True)(state.model, mb, key)
+            return (jax.tree.map(jnp.add, g_acc, g), l_acc + l, a_acc + a / cfg.accum, c_acc + c), None
 
         params = eqx.filter(state.model, eqx.is_inexact_array)
         keys = jax.random.split(jax.random.fold_in(state.key, state.step), cfg.accum)
         zeros = jax.tree.map(jnp.zeros_like, params)
-        (grads, loss, correct), _ = jax.lax.scan(micro, (zeros, jnp.float32(0), jnp.float32(0)),
-                                                 (batch, keys))
+        (grads, loss, aux_loss, correct), _ = jax.lax.scan(
+            micro, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)), (batch, keys))
         updates, opt_state = tx.update(grads, state.opt_state, params)
         if scale:
             updates = jax.tree.map(lambda u, m: u * m, updates, multipliers)
         model = eqx.apply_updates(state.model, updates)
         new = TrainState(model=model, opt_state=opt_state, step=state.step + 1, key=state.key)
         stats = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=sched(state.step),
-                     accuracy=correct / denom)
+                     accuracy=correct / denom, aux_loss=aux_loss)
         return new, stats
 
     return train_step
@@ -286,6 +295,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     result = RunResult(run_dir=run_dir, step=start)
     tokens_per_step = cfg.batch * seq_len * (sum(cfg.length_mix) / len(cfg.length_mix) if cfg.length_mix else 1)
     tps, t_last = 0.0, None
+    has_aux = bool(getattr(state.model, "has_aux", False))  # a router: log its balance loss too
 
     sig = _Signals()
 
@@ -333,7 +343,8 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
                 if step % cfg.log_every == 0 or step == cfg.steps:
                     writer.write(dict(step=step, split="train", loss=loss, bpb=bits_per_byte(loss),
                                       lr=float(stats["lr"]), grad_norm=float(stats["grad_norm"]),
-                                      accuracy=float(stats["accuracy"]), tokens_per_s=round(tps, 1)))
+                                      accuracy=float(stats["accuracy"]), tokens_per_s=round(tps, 1),
+                                      **({"aux_loss": float(stats["aux_loss"])} if has_aux else {})))
                 bar.update(step, loss, tps, mfu)
                 if cfg.eval_every and step % cfg.eval_every == 0 and step != cfg.steps:
                     run_eval(step)
