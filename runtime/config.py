@@ -20,7 +20,7 @@ from bstc.runtime.errors import UsageError
 # (BSTs: 4-layer groups; GSS-Hybrid: 5-layer groups) or `depth` (layers), so every zoo model
 # shrinks alike (4–5 layers, 0.8–1.0M parameters) and `bstc train NAME` comparisons are fair.
 TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 32, "groups": 1, "depth": 4,
-        "memory": 128, "state_vectors": 128}
+        "memory": 128, "state_vectors": 128, "experts": 4}
 
 TASKS = ("recall", "copy", "induction")
 OPTIMIZERS = ("adamw", "adafactor")

@@ -260,6 +260,9 @@ def make_source(*, data: str | None, task: str | None, split: str, seq_len: int,
         if vocab < 128:
             raise DataError(f"synthetic tasks use byte tokens < 128; the model's vocab is {vocab}")
         return t
+    if vocab < 256:  # text is read as bytes: an id ≥ vocab would be an error in the model
+        raise DataError(f"text is read as bytes (ids 0–255), but the model's vocab is {vocab}: "
+                        "use vocab ≥ 256 (`--set vocab=256`), or a synthetic --task")
     return PackedText(load_corpus(data, vocab)[split], seq_len)
 
 

@@ -62,7 +62,9 @@ def test_logical_axes_name_every_dimension(case):
 # as 2.5·n·log2 n and a complex multiply-add as 8 real FLOPs, where XLA's cost analysis counts
 # an rfft as 8·n·log2 n, an irfft as 4·n·log2 n and a complex multiply as 1; at the small widths
 # of these cases the two disagree by up to 40%.
-FLOP_GAPS = {"s4d", "long_conv"}
+# `moe` counts the chosen experts only (the algorithm's work, what a grouped GEMM costs on an
+# accelerator), where XLA's CPU backend computes `ragged_dot` densely over every expert.
+FLOP_GAPS = {"s4d", "long_conv", "moe"}
 
 
 def test_flops_within_ten_percent_of_xla(case):

@@ -23,7 +23,8 @@ from bstc.passes.evaluate import Scope, evaluate
 from bstc.syntax import ast
 
 # channels: the per-channel (depthwise) axis of SSM / long-convolution layers and their outputs.
-LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "ssm_state", "channels", "vocab", "layers", "filters")
+LOGICAL_AXES = ("batch", "seq", "embed", "mlp", "heads", "kv", "ssm_state", "channels", "vocab", "layers", "filters",
+                "experts")
 
 # The default mesh axes, outermost first: `tensor` innermost so tensor-parallel collectives
 # stay on the fastest links (neighbouring devices), `data` outermost (one all-reduce per step).
