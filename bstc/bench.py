@@ -10,8 +10,9 @@
 
 A "layer" is what a model file stacks: pre-norm sublayers with residuals, MLP included, e.g.
 BST-SH = s4d (context source) + block_attention (context: ssm -> sh) + mlp; the Block-Recurrent
-Transformer's recurrent layer holds its own norms and MLP. All are built from the ops registry,
-exactly as the lowering builds them.
+Transformer's recurrent layer holds its own norms and MLP. Each candidate is written as a
+one-block model file (`layer_text`) and lowered by the public lowering, so it is built exactly
+as in a model, and its FLOPs are `bstc explain`'s.
 """
 from __future__ import annotations
 
@@ -22,13 +23,12 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import typer
-from jaxtyping import Array, Float
 
 # ---- single layers, built from the registry --------------------------------------------------------
 
@@ -94,77 +94,56 @@ DEFAULT_LAYERS = [n for n in CANDIDATES if n != "gss"]
 REFERENCE = "bst_sh_s4"
 
 
-class BenchLayer(eqx.Module):
-    """x (B, L, D) -> x after every sublayer (pre-norm, residual), context edges as in a block."""
-
-    norms: tuple
-    ops: tuple
-    residual: tuple[bool, ...] = eqx.field(static=True)
-    sources: tuple[int | None, ...] = eqx.field(static=True)
-
-    def __call__(self, x: Float[Array, "B L D"]) -> Float[Array, "B L D"]:
-        outs: dict[int, Any] = {}
-        for i, (norm, op) in enumerate(zip(self.norms, self.ops)):
-            h = norm(x) if norm is not None else x
-            y = op(h, context=outs[self.sources[i]] if self.sources[i] is not None else None)
-            if self.residual[i]:
-                x = x + y
-            else:
-                outs[i] = y
-        return x
-
-
 class Unfit(Exception):
-    """A candidate that cannot be built at these sizes (its op's check says why)."""
+    """A candidate that cannot be built at these sizes (the checker says why)."""
 
 
-def build_layer(name: str, cfg: BenchConfig, seq_len: int, *, key) -> BenchLayer:
-    from bstc.ops import ContextSpec, Dims, get
-    from bstc.passes.report import op_args
+def _literal(v) -> str:
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
 
-    dims = Dims(vocab=256, d_model=cfg.d_model, heads=cfg.heads, window=cfg.window, seq_len=seq_len)
-    subs = CANDIDATES[name].subs(cfg)
-    keys = jax.random.split(key, 2 * len(subs))
-    norms, ops, built = [], [], []
-    for i, s in enumerate(subs):
-        op = get(s.kind)
-        args = op_args(s.kind, s.args)
-        ctx = None
-        if s.context is not None:
-            src, variant = s.context
-            ctx = ContextSpec(variant, get(subs[src].kind).filters(built[src], dims), subs[src].kind)
-        problems = op.check(args, dims, ctx)
-        if problems:
-            raise Unfit(f"{s.kind}: {problems[0].message}")
-        ops.append(op.build(args, dims, ctx, key=keys[2 * i]))
-        norms.append(get("rms_norm").build(op_args("rms_norm"), dims, None, key=keys[2 * i + 1]) if s.norm else None)
-        built.append(args)
-    return BenchLayer(tuple(norms), tuple(ops), tuple(s.residual for s in subs),
-                      tuple(s.context[0] if s.context else None for s in subs))
+
+def layer_text(name: str, cfg: BenchConfig, seq_len: int) -> str:
+    """The candidate as a model file: one block of its sublayers between an embedding and a head."""
+    lines = []
+    for i, sub in enumerate(CANDIDATES[name].subs(cfg)):
+        args = [f"{k}: {_literal(v)}" for k, v in sub.args.items()]
+        args += ([] if sub.norm else ["norm: none"]) + ([] if sub.residual else ["residual: false"])
+        if sub.context is not None:
+            args.append(f"context: s{sub.context[0]} -> {sub.context[1]}")
+        lines.append(f"s{i} = {sub.kind}({', '.join(args)})")
+    body = "\n    ".join(lines)
+    return (f"model bench_{name} {{\n  vocab = 256; d_model = {cfg.d_model}; heads = {cfg.heads}; "
+            f"window = {cfg.window}; seq_len = {seq_len}\n  block layer {{\n    {body}\n  }}\n"
+            "  layers { embed; layer; head untied }\n}\n")
+
+
+def _checked(name: str, cfg: BenchConfig, seq_len: int):
+    from bstc.errors import BstcError
+    from bstc.frontend import parse
+
+    try:
+        return parse(layer_text(name, cfg, seq_len))
+    except BstcError as e:
+        raise Unfit(e.diagnostics[0].message if e.diagnostics else str(e)) from None
+
+
+def build_layer(name: str, cfg: BenchConfig, seq_len: int, *, key):
+    """The candidate's block, x (B, L, D) -> x: lowered from `layer_text` by the public
+    lowering, so it is built exactly as in a model."""
+    from bstc.lower import lower
+
+    return lower(_checked(name, cfg, seq_len), key=key, scan=False).stages[0].block
 
 
 def layer_flops_per_token(name: str, cfg: BenchConfig, seq_len: int) -> float:
-    """Forward FLOPs per token of the layer, from the ops' cost rules (norms included)."""
-    from bstc.ops import ContextSpec, Dims, get
-    from bstc.passes.report import op_args
+    """Forward FLOPs per token of the layer (norms included): `bstc explain`'s rows of the block."""
+    from bstc.passes.report import build_report
 
-    dims = Dims(vocab=256, d_model=cfg.d_model, heads=cfg.heads, window=cfg.window, seq_len=seq_len)
-    subs = CANDIDATES[name].subs(cfg)
-    total, built = 0.0, []
-    for s in subs:
-        args = op_args(s.kind, s.args)
-        ctx = None
-        if s.context is not None:
-            src, variant = s.context
-            ctx = ContextSpec(variant, get(subs[src].kind).filters(built[src], dims), subs[src].kind)
-        total += get(s.kind).flops_per_token(args, dims, ctx)
-        if s.norm:
-            total += get("rms_norm").flops_per_token(op_args("rms_norm"), dims, None)
-        built.append(args)
-    return total
+    rep = build_report(_checked(name, cfg, seq_len), batch=1)
+    return sum(r.flops_per_token for r in rep.rows if r.name.startswith("layer."))
 
 
-def fwd_bwd(layer: BenchLayer):
+def fwd_bwd(layer):
     """A jitted function (params, x) -> gradients w.r.t. params and x of sum(layer(x))."""
     params, static = eqx.partition(layer, eqx.is_inexact_array)
 

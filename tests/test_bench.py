@@ -74,6 +74,13 @@ def test_bench_layer_costs_come_from_the_registry():
         y = eqx.filter_jit(lambda m, x: m(x))(layer, jnp.ones((1, 64, 32)))
         assert y.shape == (1, 64, 32) and bool(jnp.all(jnp.isfinite(y)))
         assert layer_flops_per_token(name, cfg, 64) > 0
+    # built by the public lowering from a one-block model file: its parameters are explain's
+    from bstc.bench import layer_text
+    from bstc.lower import count_params
+
+    rows = bstc.explain(layer_text("bst_mf_s4", cfg, 64)).rows
+    layer = build_layer("bst_mf_s4", cfg, 64, key=jax.random.key(0))
+    assert count_params(layer) == sum(r.params for r in rows if r.name.startswith("layer."))
 
 
 def test_bench_model_reports_mfu(tmp_path):
