@@ -136,19 +136,6 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
     return out
 
 
-def _arg_names(e):
-    """Every Name in an argument's expression, including an edge's variant."""
-    if isinstance(e, ast.Edge):
-        yield ast.Name(e.variant, e.variant_span)
-    elif isinstance(e, ast.Name):
-        yield e
-    elif isinstance(e, ast.BinOp):
-        yield from _arg_names(e.left)
-        yield from _arg_names(e.right)
-    elif isinstance(e, ast.Neg):
-        yield from _arg_names(e.operand)
-
-
 def _check_block_def(b: ast.BlockDef, errors: Collector, scope: Scope) -> None:
     names: dict[str, ast.SubDef] = {}
     for s in b.subs:
@@ -162,7 +149,7 @@ def _check_block_def(b: ast.BlockDef, errors: Collector, scope: Scope) -> None:
                 errors.error(a.span, f"argument '{a.name}' is given twice")
             seen_args.add(a.name)
     seen = set()
-    used = {n.id for s in b.subs for a in s.args for n in _arg_names(a.value)}
+    used = {n.id for s in b.subs for a in s.args for n in ast.names_in(a.value)}
     for p in b.params:
         if p.name in seen:
             errors.error(p.span, f"block parameter '{p.name}' is declared twice")
@@ -264,7 +251,7 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
                 continue
             # A value that comes from an argument given at this use (`b(w = 7)`) is reported
             # there: that is where the user wrote the number the error is about.
-            given = [given_spans[n.id] for n in _arg_names(a.value) if n.id in given_spans]
+            given = [given_spans[n.id] for n in ast.names_in(a.value) if n.id in given_spans]
             args[a.name] = RawArg(evaluate(a.value, inner, errors), given[0] if given else a.span)
         subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edge))
     return RawInstance(b.name, idx, use.share, use.span, subs)

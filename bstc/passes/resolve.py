@@ -164,7 +164,7 @@ def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: C
     """A parameter may only use parameters defined above it (order is meaning). `where`: the
     parameter's definition, when `expr` comes from a --set override."""
     ok = True
-    for node in _names(expr):
+    for node in ast.names_in(expr):
         if node.id in later and not scope.lookup(node.id)[0]:
             ok = False
             from_set = node.span is not None and node.span.file == SET_FILE
@@ -182,12 +182,3 @@ def _check_forward_refs(expr, scope: Scope, later: dict, current: str, errors: C
                              f"move `{node.id} = ...` above line {node.span.line if node.span else '?'}")
     return ok
 
-
-def _names(e):
-    if isinstance(e, ast.Name):
-        yield e
-    elif isinstance(e, ast.BinOp):
-        yield from _names(e.left)
-        yield from _names(e.right)
-    elif isinstance(e, ast.Neg):
-        yield from _names(e.operand)

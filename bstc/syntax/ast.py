@@ -59,6 +59,19 @@ class Edge:
 
 
 Expr = Union[Num, Str, Name, BinOp, Neg]
+
+
+def names_in(e):
+    """Every Name in an expression (an edge's variant counts as one), left to right."""
+    if isinstance(e, Edge):
+        yield Name(e.variant, e.variant_span)
+    elif isinstance(e, Name):
+        yield e
+    elif isinstance(e, BinOp):
+        yield from names_in(e.left)
+        yield from names_in(e.right)
+    elif isinstance(e, Neg):
+        yield from names_in(e.operand)
 Value = Union[Expr, Edge]
 
 
