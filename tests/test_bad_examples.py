@@ -964,6 +964,76 @@ CASES = [
         }
         """,
          ("5:20", "rule 'batch' names unknown mesh axis 'gpu'", "mesh axes: data, fsdp, tensor")),
+
+    # ---- patterns and placements -----------------------------------------------------------------
+    case("pattern-unknown-letter", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; pattern "LLKL" { L = local }; head tied }
+        }
+        """,
+         ("4:30", "letter 'K' of the pattern is not bound to a block", "bind 'K' to a block next to the pattern")),
+    case("pattern-letter-bound-twice", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; pattern "LL" { L = local; L = local }; head tied }
+        }
+        """,
+         ("4:45", "letter 'L' is bound twice in this pattern", "first at line 4")),
+    case("pattern-unused-letter", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; pattern "LL" { L = local; B = local }; head tied }
+        }
+        """,
+         ("4:45", "letter 'B' is bound but not used in the pattern", "remove it")),
+    case("place-out-of-range", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; repeat 4 { local }; at [1, -5] local; head tied }
+        }
+        """,
+         ("4:46", "position -5 is outside the stack of 4 blocks", "positions are 0 … 3, or -4 … -1 from the end")),
+    case("place-overlap", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; repeat 8 { local }; every 2 from 1 local; at [-1] local; head tied }
+        }
+        """,
+         ("4:61", "position 7 of the stack is placed twice", "the first placement is at line 4; keep one")),
+    case("place-inside-repeat", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; repeat 4 { local; at [0] local }; head tied }
+        }
+        """,
+         ("4:37", "a placement (`every`, `at`) cannot be inside 'repeat'",
+          "write it at the top level of layers: it places into the whole stack")),
+    case("place-every-zero", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; repeat 4 { local }; every 0 from 1 local; head tied }
+        }
+        """,
+         ("4:45", "`every` needs a positive integer step, got 0", None)),
+    case("yaml-pattern-unknown-letter", """
+        model: m
+        params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64}
+        blocks:
+          local: {layers: {attn: {kind: block_attention, window: window}}}
+        layers:
+          - embed
+          - {pattern: "LKL", blocks: {L: local}}
+          - {head: tied}
+        """,
+         ("7:17", "letter 'K' of the pattern is not bound to a block", "bind 'K' to a block next to the pattern")),
 ]
 
 

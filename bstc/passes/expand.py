@@ -69,7 +69,7 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
 
     def walk(stmts, depth: int):
         for st in stmts:
-            if len(out.instances) > MAX_LAYERS and not isinstance(st, ast.Builtin):
+            if len(base) > MAX_LAYERS and not isinstance(st, ast.Builtin):
                 continue  # reported once below; `head` etc. are still checked
             if isinstance(st, ast.Builtin):
                 if depth > 0:
@@ -96,28 +96,48 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
                     errors.error(st.count.span or st.span, f"repeat count {n} is too large (at most {MAX_LAYERS})")
                     continue
                 for _ in range(n):
-                    if len(out.instances) > MAX_LAYERS:
+                    if len(base) > MAX_LAYERS:
                         break
                     walk(st.body, depth + 1)
             elif isinstance(st, ast.Override):
                 overrides.append(st)
+            elif isinstance(st, ast.Place):
+                if depth > 0:
+                    errors.error(st.span, "a placement (`every`, `at`) cannot be inside 'repeat'",
+                                 "write it at the top level of layers: it places into the whole stack")
+                    continue
+                placements.append(st)
+            elif isinstance(st, ast.Pattern):
+                if depth == 0:
+                    order.append("block")
+                for use in _pattern_uses(st, errors):
+                    if len(base) > MAX_LAYERS:
+                        break
+                    base.append(use)
             elif isinstance(st, ast.Use):
                 if depth == 0:
                     order.append("block")
-                b = blocks.get(st.block)
-                if b is None:
-                    errors.error(st.span, f"unknown block '{st.block}'",
-                                 suggest_or_list(st.block, blocks, "defined blocks"))
-                    continue
-                idx = counters.get(st.block, 0)
-                counters[st.block] = idx + 1
-                inst = _instantiate(b, st, idx, scope, errors)
-                if inst is not None:
-                    out.instances.append(inst)
+                base.append(st)
 
+    # The stack as written (repeats and patterns expanded), then the placements, then the
+    # blocks instantiated in their final order, so occurrence numbers follow the final stack.
+    base: list[ast.Use] = []
+    placements: list[ast.Place] = []
     walk(model.layers, 0)
-    if len(out.instances) > MAX_LAYERS:
+    if len(base) > MAX_LAYERS:
         errors.error(model.layers_span, f"the stack has more than {MAX_LAYERS} blocks")
+        base = base[:MAX_LAYERS + 1]
+    _place(base, placements, scope, errors)
+    for st in base:
+        b = blocks.get(st.block)
+        if b is None:
+            errors.error(st.span, f"unknown block '{st.block}'", suggest_or_list(st.block, blocks, "defined blocks"))
+            continue
+        idx = counters.get(st.block, 0)
+        counters[st.block] = idx + 1
+        inst = _instantiate(b, st, idx, scope, errors)
+        if inst is not None:
+            out.instances.append(inst)
     _check_order(order, builtins_seen, model, errors)
     out.builtin_spans = {k: v.span for k, v in builtins_seen.items()}
 
@@ -134,6 +154,86 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
             continue
         _apply_override(inst, ov, blocks[ov.block], scope, errors)
     return out
+
+
+def _pattern_uses(p: ast.Pattern, errors: Collector) -> list[ast.Use]:
+    """One block use per letter (spaces are ignored); an unbound letter is located in the string."""
+    bound: dict[str, tuple[ast.Use, Span | None]] = {}
+    for letter, use, span in p.bindings:
+        if len(letter) != 1:
+            errors.error(span, f"a pattern binds single letters, got '{letter}'", "e.g. `L = local`")
+        elif letter in bound:
+            errors.error(span, f"letter '{letter}' is bound twice in this pattern",
+                         f"first at line {bound[letter][1].line if bound[letter][1] else '?'}")
+        else:
+            bound[letter] = (use, span)
+    out, used, bad = [], set(), False
+    for i, c in enumerate(p.letters):
+        if c.isspace():
+            continue
+        if c not in bound:
+            sp = p.letters_span
+            where = Span(sp.file, sp.line, sp.col + 1 + i, sp.line, sp.col + 2 + i) if sp else p.span
+            errors.error(where, f"letter '{c}' of the pattern is not bound to a block",
+                         suggest(c, bound) or f"bind '{c}' to a block next to the pattern")
+            bad = True
+            continue
+        used.add(c)
+        out.append(bound[c][0])
+    if not out and not bad:
+        errors.error(p.letters_span or p.span, "the pattern is empty", 'write one letter per block, e.g. "LLBL"')
+    for letter, (_, span) in bound.items():
+        if letter not in used and not bad:
+            errors.error(span, f"letter '{letter}' is bound but not used in the pattern", "remove it")
+    return out
+
+
+def _index(v, n: int, span, what: str, errors: Collector) -> int | None:
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int):
+        errors.error(span, f"{what} must be an integer, got {v!r}")
+        return None
+    if not -n <= v < n:
+        errors.error(span, f"{what} {v} is outside the stack of {n} blocks",
+                     f"positions are 0 … {n - 1}, or -{n} … -1 from the end")
+        return None
+    return v % n
+
+
+def _place(base: list, placements: list, scope: Scope, errors: Collector) -> None:
+    """Replace blocks of `base` in place; a position claimed twice is an error."""
+    n = len(base)
+    claimed: dict[int, ast.Place] = {}
+    for pl in placements:
+        if pl.step is not None:
+            step, start = evaluate(pl.step, scope, errors), evaluate(pl.start, scope, errors)
+            if step is None or start is None:
+                continue
+            if isinstance(step, float) and step.is_integer():
+                step = int(step)
+            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+                errors.error(pl.step.span or pl.span, f"`every` needs a positive integer step, got {step!r}")
+                continue
+            first = _index(start, n, pl.start.span or pl.span, "`from`", errors)
+            if first is None:
+                continue
+            positions = list(range(first, n, step))
+        else:
+            positions = []
+            for e in pl.at:
+                v = evaluate(e, scope, errors)
+                i = None if v is None else _index(v, n, e.span or pl.span, "position", errors)
+                if i is not None:
+                    positions.append(i)
+        for i in positions:
+            if i in claimed:
+                first = claimed[i].span
+                errors.error(pl.span, f"position {i} of the stack is placed twice",
+                             f"the first placement is at line {first.line if first else '?'}; keep one")
+                break
+            claimed[i] = pl
+            base[i] = pl.use
 
 
 def _check_block_def(b: ast.BlockDef, errors: Collector, scope: Scope) -> None:

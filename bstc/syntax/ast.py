@@ -156,7 +156,29 @@ class Builtin:
     arg_span: Span | None = _span()
 
 
-Stmt = Union[Use, Repeat, Override, Builtin]
+@dataclass(frozen=True)
+class Pattern:
+    """`pattern "LLBL" { L = local; B = bst }`: one block per letter, in order."""
+
+    letters: str
+    bindings: tuple[tuple[str, Use, Span | None], ...]  # (letter, block use, where the letter is bound)
+    span: Span | None = _span()
+    letters_span: Span | None = _span()  # the string literal, its opening quote included
+
+
+@dataclass(frozen=True)
+class Place:
+    """`every STEP from START use` / `at [I, ...] use`: replace blocks of the stack at these
+    0-based positions (negative: from the end), after the rest of `layers` is expanded."""
+
+    use: Use
+    step: Expr | None = None
+    start: Expr | None = None
+    at: tuple[Expr, ...] = ()
+    span: Span | None = _span()
+
+
+Stmt = Union[Use, Repeat, Override, Builtin, Pattern, Place]
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from bstc.errors import Collector, Span
 from bstc.syntax import ast
 
-KEYWORDS = ("model", "block", "layers", "repeat", "embed", "norm", "head", "share", "mesh", "rules")
+KEYWORDS = ("model", "block", "layers", "repeat", "embed", "norm", "head", "share", "mesh", "rules", "pattern",
+            "every", "from", "at")
 
 
 def grammar_text() -> str:
@@ -196,6 +197,30 @@ class _ToAst(Transformer):
     def override(self, meta, children):
         name, index, *settings = children
         return ast.Override(str(name), int(index), tuple(settings), self._t(name))
+
+    @v_args(meta=True)
+    def binding(self, meta, children):
+        letter, use = children
+        return (str(letter), use, self._t(letter))
+
+    @v_args(meta=True)
+    def pattern(self, meta, children):
+        letters, *bindings = children
+        return ast.Pattern(str(letters)[1:-1], tuple(bindings), self._s(meta), self._t(letters))
+
+    @v_args(meta=True)
+    def every(self, meta, children):
+        step, start, use = children
+        return ast.Place(use, step=step, start=start, span=self._s(meta))
+
+    def index_list(self, children):
+        return ("index_list", tuple(children))
+
+    @v_args(meta=True)
+    def at(self, meta, children):
+        where, use = children
+        at = where[1] if isinstance(where, tuple) and where and where[0] == "index_list" else (where,)
+        return ast.Place(use, at=at, span=self._s(meta))
 
     @v_args(meta=True)
     def embed(self, meta, children):

@@ -18,6 +18,9 @@ unknown key: nothing is silently ignored.
       - {repeat: 3, layers: [local, {use: bst, args: {context: mf}}]}
       - {override: bst.3, set: {ssm.state: 128}}
       - {use: local, share: g}
+      - {pattern: "LLBL", blocks: {L: local, B: {use: bst, args: {context: mf}}}}
+      - {every: 4, from: 1, use: bst}                # placements: replace blocks of the stack
+      - {at: [2, -1], use: bst}
       - {norm: rms}
       - {head: tied}
     mesh: {data: 2, tensor: 4}
@@ -198,7 +201,8 @@ class _Walker:
         return ast.BlockDef(bname, tuple(params), tuple(subs), self.span(kn))
 
     _BUILTINS = ("embed", "norm", "head")
-    _STMT_KEYS = ("use", "args", "share", "repeat", "layers", "override", "set") + _BUILTINS
+    _STMT_KEYS = ("use", "args", "share", "repeat", "layers", "override", "set", "pattern", "blocks", "every",
+                  "from", "at") + _BUILTINS
 
     def stmts(self, node) -> tuple:
         if not isinstance(node, yaml.SequenceNode):
@@ -252,18 +256,64 @@ class _Walker:
                 if v is not None:
                     settings.append(ast.Setting(ms.group(1), ms.group(2), v, self.span(kn)))
             return ast.Override(mt.group(1), int(mt.group(2)), tuple(settings), self.span(target))
+        if "pattern" in m:
+            pn = m["pattern"][1]
+            if not (isinstance(pn, yaml.ScalarNode) and isinstance(pn.value, str)):
+                self.err(pn, "'pattern' is a string of letters, e.g. \"LLBL\"")
+                return None
+            if "blocks" not in m:
+                self.err(node, "'pattern' needs 'blocks': {LETTER: block, ...}")
+                return None
+            bindings = []
+            for letter, (kn, vn) in (self.mapping(m["blocks"][1], "'blocks'") or {}).items():
+                use = self.use(vn)
+                if use is not None:
+                    bindings.append((letter, use, self.span(kn)))
+            sp = self.span(pn)
+            # the letters' columns: a quoted scalar starts with its quote, as in the DSL
+            quoted = pn.style in ('"', "'")
+            letters_span = sp if quoted else Span(sp.file, sp.line, sp.col - 1, sp.end_line, sp.end_col)
+            return ast.Pattern(pn.value, tuple(bindings), self.span(m["pattern"][0]), letters_span)
+        if "every" in m or "at" in m:
+            use = self.use(node, m)
+            if use is None:
+                return None
+            if "every" in m:
+                if "from" not in m:
+                    self.err(node, "'every' needs 'from': the first position")
+                    return None
+                step, start = self.value(m["every"][1], edge_ok=False), self.value(m["from"][1], edge_ok=False)
+                return ast.Place(use, step=step, start=start, span=self.span(m["every"][0])) if step and start else None
+            an = m["at"][1]
+            items = an.value if isinstance(an, yaml.SequenceNode) else [an]
+            at = tuple(v for v in (self.value(i, edge_ok=False) for i in items) if v is not None)
+            return ast.Place(use, at=at, span=self.span(m["at"][0])) if len(at) == len(items) else None
         if "use" in m:
-            block = self.name(m["use"][1], "'use'")
-            args = []
-            if "args" in m:
-                for aname, (ak, av) in (self.mapping(m["args"][1], "'args'") or {}).items():
-                    v = self.value(av, edge_ok=False)
-                    if v is not None:
-                        args.append(ast.Arg(aname, v, self.span(ak)))
-            share = self.name(m["share"][1], "'share'") if "share" in m else None
-            return ast.Use(block, tuple(args), share, self.span(m["use"][1])) if block else None
-        self.err(node, "a layer entry needs one of: use, repeat, override, embed, norm, head")
+            return self.use(node, m)
+        self.err(node, "a layer entry needs one of: use, repeat, override, pattern, every, at, embed, norm, head")
         return None
+
+    def use(self, node, m=None):
+        """A block use: a name, or {use: NAME, args: {...}, share: GROUP}."""
+        if m is None:
+            if isinstance(node, yaml.ScalarNode):
+                n = self.name(node, "a block")
+                return ast.Use(n, (), None, self.span(node)) if n else None
+            m = self.mapping(node, "a block use", ("use", "args", "share"))
+            if m is None:
+                return None
+        if "use" not in m:
+            self.err(node, "this entry needs 'use': the block to place")
+            return None
+        block = self.name(m["use"][1], "'use'")
+        args = []
+        if "args" in m:
+            for aname, (ak, av) in (self.mapping(m["args"][1], "'args'") or {}).items():
+                v = self.value(av, edge_ok=False)
+                if v is not None:
+                    args.append(ast.Arg(aname, v, self.span(ak)))
+        share = self.name(m["share"][1], "'share'") if "share" in m else None
+        return ast.Use(block, tuple(args), share, self.span(m["use"][1])) if block else None
 
 
 def parse_yaml(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
