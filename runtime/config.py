@@ -91,10 +91,9 @@ class RunConfig:
         need(all(isinstance(k, str) and k.isidentifier() for k in self.set),
              f"setting 'set' must map parameter names to values, got {self.set!r}")
         need(self.warmup is None or self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
-        for name in ("eval_every", "ckpt_every"):
+        for name in ("eval_every", "ckpt_every", "eval_batches"):  # 0: none
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("log_every", "eval_batches"):
-            need(getattr(self, name) >= 1, f"{name} must be >= 1, got {getattr(self, name)}")
+        need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
         for name in ("weight_decay", "clip"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")

@@ -131,6 +131,8 @@ def test_explain_flops_match_xla_cost_analysis(path):
     """Forward FLOPs/token × tokens from the ops' cost rules == XLA's count of the compiled forward
     pass, within 10%. Layers are unrolled (scan=False) because XLA counts a loop body once."""
     ov = tiny_overrides(path)
+    if any(s.kind == "moe" for inst in bstc.parse(path, overrides=ov).layers for s in inst.sublayers):
+        pytest.xfail("moe counts the chosen experts; XLA's CPU backend computes ragged_dot over every expert")
     rep = bstc.explain(path, overrides=ov)
     model = _unroll_recurrences(bstc.load(path, key=jax.random.key(0), overrides=ov, scan=False))
     B, L = 2, rep.seq_len

@@ -75,7 +75,7 @@ BAD = [
      [("m.bst:23:11: error: unknown logical axis 'btach'", "did you mean 'batch'?")]),
     ("unknown-logical-axis-no-close-name", "  rules { zzz -> data }", None, None, None,
      [("m.bst:23:11: error: unknown logical axis 'zzz'",
-       "logical axes: batch, channels, embed, filters, heads, kv, layers, mlp, seq, ssm_state, vocab")]),
+       "logical axes: batch, channels, embed, experts, filters, heads, kv, layers, mlp, seq, ssm_state, vocab")]),
     ("unknown-mesh-axis", "  mesh { data = 2 }\n  rules { heads -> tensr }", None, None, None,
      [("m.bst:24:20: error: rule 'heads' names unknown mesh axis 'tensr'", "mesh axes: data")]),
     ("unknown-mesh-axis-default-names", "  rules { heads -> tensr }", None, None, None,
@@ -548,7 +548,7 @@ def test_train_cli_mesh_errors_are_located(tmp_path):
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path))
     r = subprocess.run([sys.executable, "-m", "bstc.cli", "train", "run.bst", "--mesh", "data=2,tensor=2",
-                        "--steps", "1", "--preset", "none", "-q", "-o", "x"], env=env, cwd=tmp_path,
+                        "--steps", "1", "--preset", "none", "--set", "vocab=256", "-q", "-o", "x"], env=env, cwd=tmp_path,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1, r.stderr
     assert "<--mesh>:1:1: error: the mesh needs 4 devices (data=2 × tensor=2) but only 1 is present" in r.stderr
