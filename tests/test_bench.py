@@ -25,6 +25,7 @@ ZOO = zoo.list_models()
 TINY_LAYERS = ["--d-model", "32", "--heads", "2", "--window", "64"]
 
 
+@pytest.mark.slow  # the CLI's wiring; building and costing every candidate stay in the default suite
 def test_bench_layers_writes_json_and_plot(tmp_path):
     """The command as documented, on tiny widths (a subset of the candidates keeps compiles few;
     test_bench_layer_costs_come_from_the_registry builds and runs every candidate)."""

@@ -157,6 +157,7 @@ model mamba_ctx {
 """
 
 
+@pytest.mark.slow  # the contract test covers each context variant's decode; this adds the zoo sizes
 def test_mamba_context_source_decodes_like_the_forward_pass():
     """A selective SSM (conv window + state) as the SH, MH, MF and own-window context source,
     at three times seq_len (the forward pass pads to a whole number of chunks)."""

@@ -135,8 +135,11 @@ def test_s4d_layer_equals_reference(filters, centre):
     ref = []
     for f in range(filters):
         if centre:  # row t convolves the prefix minus its own mean: Σ_s K[t−s]·(x_s − mean(x_0..x_t))
-            y = np.stack([np.asarray(_ssm.causal_direct_conv(x[:, :t + 1] - x[:, :t + 1].mean(1, keepdims=True),
-                                                             K[f][:, :t + 1]))[:, t] for t in range(DIMS.seq_len)], 1)
+            xn, kf = np.asarray(x, np.float64), np.asarray(K[f], np.float64)  # kf: (D, L)
+            y = np.zeros_like(xn)
+            for t in range(DIMS.seq_len):
+                xc = xn[:, :t + 1] - xn[:, :t + 1].mean(1, keepdims=True)
+                y[:, t] = np.einsum("bsd,ds->bd", xc, kf[:, t::-1])  # s = 0..t pairs with K[t], …, K[0]
             y = y + layer.D[f] * x
         else:
             y = _ssm.causal_direct_conv(x, K[f]) + layer.D[f] * x
