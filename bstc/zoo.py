@@ -21,9 +21,15 @@ def list_models() -> list[Path]:
     return sorted(list(d.glob("*.bst")) + list(d.glob("*.yaml")))
 
 
+def names() -> list[str]:
+    """Zoo model names, each once (`bst_sh_s4` has a .bst and a .yaml file)."""
+    return sorted({p.stem for p in list_models()})
+
+
 def resolve(name_or_path: str) -> Path | None:
-    """A path that exists, or the name of a zoo model (`bst_sh_s4`, `bst_sh_s4.yaml`)."""
-    p = Path(name_or_path)
+    """A path that exists, or the name of a zoo model (`bst_sh_s4`, `bst_sh_s4.yaml`). The one
+    resolver of model names: the compiler commands and the runtime both use it."""
+    p = Path(name_or_path).expanduser()
     if p.is_file():
         return p
     d = models_dir()

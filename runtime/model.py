@@ -6,7 +6,6 @@ bstc model file (+ overrides); tests may build one around any Equinox module.
 from __future__ import annotations
 
 import hashlib
-import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -14,6 +13,7 @@ from typing import Any, Callable
 import equinox as eqx
 import jax
 
+from bstc import zoo
 from bstc.runtime.config import TINY, RunConfig
 from bstc.runtime.errors import UsageError
 
@@ -32,32 +32,24 @@ class ModelSpec:
 
 
 def zoo_dir() -> Path | None:
-    try:
-        return Path(list(importlib.import_module("bstc.models").__path__)[0])
-    except (ModuleNotFoundError, IndexError):
-        return None
+    d = zoo.models_dir()
+    return d if d.is_dir() else None
 
 
 def zoo_names() -> list[str]:
-    z = zoo_dir()
-    return sorted({p.stem for p in z.iterdir() if p.suffix in (".bst", ".yaml")}) if z else []
+    return zoo.names()
 
 
 def resolve_model(name: str) -> Path:
-    """A path to a model file, or the name of a zoo model ('bst_sh_s4')."""
-    p = Path(name).expanduser()
-    if p.is_file():
+    """A path to a model file, or the name of a zoo model ('bst_sh_s4'): `bstc.zoo.resolve`,
+    with the runtime's one-line errors."""
+    p = zoo.resolve(name)
+    if p is not None and p.is_file():
         return p
-    z = zoo_dir()
-    if z is not None and "/" not in name:
-        for suffix in ("", ".bst", ".yaml"):
-            q = z / f"{name}{suffix}"
-            if q.is_file():
-                return q
-    if p.exists():
+    if p is not None:
         raise UsageError(f"model '{name}' is not a file")
-    zoo = ", ".join(zoo_names())
-    raise UsageError(f"model '{name}' not found" + (f" (zoo models: {zoo})" if zoo else ""))
+    names = ", ".join(zoo_names())
+    raise UsageError(f"model '{name}' not found" + (f" (zoo models: {names})" if names else ""))
 
 
 def is_zoo(path: Path) -> bool:
