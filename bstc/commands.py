@@ -158,6 +158,13 @@ def compile_(
     overrides = parse_sets(set_)
     if remat not in ("none", "full", "dots"):
         raise typer.BadParameter(f"--remat must be none, full or dots, got {remat!r}")
+    if out is not None:  # an unusable -o is reported before the (long) compile, in one line
+        if out.exists() and not out.is_dir():
+            raise typer.BadParameter(f"-o {out} exists and is not a directory")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise typer.BadParameter(f"cannot write -o {out}: {e.strerror or e}") from None
     res = compile_model(file, overrides=overrides, batch=batch, remat=remat, scan=scan, out_dir=out)
     if as_json:
         typer.echo(json.dumps(res, indent=2))

@@ -449,3 +449,28 @@ def test_soak_kill_nine_five_times_then_equal_to_an_uninterrupted_run(tmp_path):
     got = {r["step"]: r["loss"] for r in read_metrics(run) if r.get("split") == "train"}
     assert sorted(got) == list(range(1, 41))
     np.testing.assert_allclose([got[s] for s in range(1, 41)], [ref.losses[s] for s in range(1, 41)], rtol=1e-6)
+
+
+def test_compile_into_an_unusable_directory_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from bstc.cli import app
+
+    (tmp_path / "file").write_text("x")
+    for out in (str(tmp_path / "file"), "/proc/bstc-out"):
+        r = CliRunner().invoke(app, ["compile", "transformer", "-o", out])
+        assert r.exit_code == 2 and r.output.startswith("bstc: error: ") and len(r.output.strip().splitlines()) == 1, r.output
+        assert "error: 2" not in r.output
+
+
+def test_training_at_a_length_that_is_not_a_multiple_of_the_window(tmp_path):
+    from test_runtime_train import QUIET
+
+    from bstc.runtime import RunConfig, train
+    from bstc.runtime.model import spec_from_file
+
+    f = tmp_path / "m.bst"
+    f.write_text(SMALL.replace("vocab = 64", "vocab = 256"))
+    cfg = RunConfig(model=str(f), steps=2, batch=2, seq_len=17, eval_every=0, ckpt_every=0, eval_batches=1)
+    r = train(cfg, tmp_path / "run", spec_from_file(f, {}), **QUIET)
+    assert len(r.losses) == 2 and all(np.isfinite(list(r.losses.values())))
