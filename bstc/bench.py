@@ -607,5 +607,58 @@ def decode_cmd(
         json_out.write_text(json.dumps(out, indent=2))
 
 
+# ---- the checker on large model files -------------------------------------------------------
+
+
+def large_model_text(n_params: int) -> str:
+    """A valid model file of `n_params` parameter definitions (about 24 bytes each)."""
+    lines = [f"  p{i} = {i} * 2 + 1" for i in range(n_params)]
+    return ("model large {\n  vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64\n"
+            + "\n".join(lines) + "\n  block b { attn = block_attention(window: window) }\n"
+            "  layers { embed; b; head tied }\n}\n")
+
+
+def run_check(megabytes: list[float]) -> list[dict]:
+    """Per size: the front end (lark's parse and the tree → AST transform) and the passes after
+    it (resolve, expand, check), timed in the same process one after the other."""
+    from bstc.errors import Collector
+    from bstc.frontend import parse
+    from bstc.syntax.dsl import parse_dsl
+
+    out = []
+    for mb in megabytes:
+        text = large_model_text(max(1, int(mb * 1e6 / 24)))
+        t0 = time.perf_counter()
+        parse_dsl(text, "large.bst", Collector({"large.bst": text}))
+        t1 = time.perf_counter()
+        parse(text)
+        t2 = time.perf_counter()
+        front, total = t1 - t0, t2 - t1
+        out.append(dict(megabytes=len(text) / 1e6, front_end_s=front, total_s=total,
+                        passes_s=max(0.0, total - front)))
+    return out
+
+
+@bench_app.command("check")
+def check_cmd(
+    sizes: str = typer.Option("0.25,0.5,1", "--sizes", help="Model-file sizes in MB (comma-separated)."),
+):
+    """Time `bstc validate` on large generated model files: is it linear, and do the passes
+    after parsing cost no more than the parse?"""
+    try:
+        mbs = [float(x) for x in sizes.split(",") if x.strip()]
+    except ValueError:
+        _fail(f"--sizes expects numbers, got {sizes!r}")
+    if not mbs or min(mbs) <= 0:
+        _fail("--sizes must be positive")
+    rows = run_check(mbs)
+    base = rows[0]
+    for r in rows:
+        typer.echo(f"{r['megabytes']:.2f} MB: front end {r['front_end_s']:.2f} s, passes after it "
+                   f"{r['passes_s']:.2f} s ({r['passes_s'] / r['front_end_s']:.2f}× the front end); "
+                   f"total {r['total_s'] / base['total_s']:.2f}× the {base['megabytes']:.2f} MB file's for "
+                   f"{r['megabytes'] / base['megabytes']:.2f}× the size")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(bench_app, name="bench")

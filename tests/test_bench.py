@@ -142,3 +142,12 @@ def test_explain_flops_match_xla_cost_analysis(path):
     cost = jax.jit(lambda p, t: eqx.combine(p, static)(t)).lower(params, tokens).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     assert rep.flops_per_token * B * L == pytest.approx(cost["flops"], rel=0.10)
+
+
+def test_check_benchmark_files_are_valid_models_of_the_asked_size():
+    from bstc.bench import large_model_text, run_check
+
+    text = large_model_text(500)
+    assert sum(k.startswith("p") and k[1:].isdigit() for k in bstc.parse(text).params) == 500
+    (row,) = run_check([0.01])
+    assert 0.009 < row["megabytes"] < 0.011 and row["front_end_s"] > 0 and row["total_s"] > 0
