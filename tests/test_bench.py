@@ -150,4 +150,4 @@ def test_check_benchmark_files_are_valid_models_of_the_asked_size():
     text = large_model_text(500)
     assert sum(k.startswith("p") and k[1:].isdigit() for k in bstc.parse(text).params) == 500
     (row,) = run_check([0.01])
-    assert 0.009 < row["megabytes"] < 0.011 and row["front_end_s"] > 0 and row["total_s"] > 0
+    assert 0.007 < row["megabytes"] < 0.013 and row["front_end_s"] > 0 and row["total_s"] > 0
