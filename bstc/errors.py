@@ -101,8 +101,10 @@ class Collector:
         self.diagnostics: list[Diagnostic] = []
         self._seen: set[Diagnostic] = set()
         self.sources = dict(sources or {})
+        self.reported = 0  # every error() call, repeats included: "did this pass find a problem?"
 
     def error(self, span: Span | None, message: str, hint: str | None = None) -> None:
+        self.reported += 1
         d = Diagnostic(span, message, hint)
         # Each occurrence of a block re-checks the same source lines: report a line's problem once.
         if d not in self._seen:

@@ -474,3 +474,14 @@ def test_training_at_a_length_that_is_not_a_multiple_of_the_window(tmp_path):
     cfg = RunConfig(model=str(f), steps=2, batch=2, seq_len=17, eval_every=0, ckpt_every=0, eval_batches=1)
     r = train(cfg, tmp_path / "run", spec_from_file(f, {}), **QUIET)
     assert len(r.losses) == 2 and all(np.isfinite(list(r.losses.values())))
+
+
+def test_no_spurious_follow_on_errors_and_zoo_names_once():
+    from bstc.runtime.model import zoo_names
+
+    # the attention fails its check; the SSM left alone is a context source, not a residual
+    text = _model().replace("block_attention(window: window, context", "block_attention(window: 7.5, context")
+    errs = _errors(text)
+    assert not any("adds nothing to the residual stream" in e for e in errs), errs
+    names = zoo_names()
+    assert len(names) == len(set(names)) and "bst_sh_s4" in names

@@ -28,7 +28,7 @@ def check(name: str, params: dict, dims: Dims, ex: Expanded, errors: Collector, 
 
 
 def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collector, shallow: bool = False):
-    n_before = len(errors.diagnostics)
+    n_before = errors.reported
     defined: dict[str, RawSub] = {}
     consumed: set[str] = set()
     out = []
@@ -107,10 +107,10 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
         subs.append(ir.Sublayer(sub.name, sub.kind, tuple(sorted(args.items())), norm, placement, bool(residual),
                                 ctx, tuple(shape), span=sub.span,
                                 arg_spans=tuple((k, a.span) for k, a in sub.args.items())))
-    if not any(s.residual for s in subs) and subs and len(errors.diagnostics) == n_before:
+    if not any(s.residual for s in subs) and subs and errors.reported == n_before:
         errors.error(raw.span, f"block '{raw.block}' adds nothing to the residual stream",
                      "at least one sublayer must have residual: true")
-    if len(errors.diagnostics) > n_before:
+    if errors.reported > n_before:
         return None
     return ir.BlockInstance(raw.block, raw.index, tuple(subs), raw.share, span=raw.span)
 
