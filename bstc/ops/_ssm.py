@@ -46,13 +46,20 @@ def s4d_init(key, channels: int, state: int, init: str = "lin", dt_min: float = 
     return log_dt, log_A_re, jnp.asarray(A_im, jnp.float32), C
 
 
-def discretize(log_dt, log_A_re, A_im, C) -> tuple[Complex[Array, "H N2"], Complex[Array, "F H N2"], Complex[Array, "H N2"]]:
-    """(dtA, C' = C·dB, dA): ZOH with B = 1, all complex64."""
-    log_dt, log_A_re, A_im, C = (jnp.asarray(a, jnp.float32) for a in (log_dt, log_A_re, A_im, C))
+def zoh(log_dt: Float[Array, "H"], log_A_re: Float[Array, "H N2"], A_im: Float[Array, "H N2"]
+        ) -> tuple[Complex[Array, "H N2"], Complex[Array, "H N2"], Complex[Array, "H N2"]]:
+    """Zero-order hold with B = 1: (dt·A, dA = exp(dt·A), dB = (exp(dt·A) − 1)/A), complex64."""
+    log_dt, log_A_re, A_im = (jnp.asarray(t, jnp.float32) for t in (log_dt, log_A_re, A_im))
     A = -jnp.exp(log_A_re) + 1j * A_im  # (H, N2)
     dtA = jnp.exp(log_dt)[:, None] * A
     dA = jnp.exp(dtA)
-    dB = (dA - 1.0) / A
+    return dtA, dA, (dA - 1.0) / A
+
+
+def discretize(log_dt, log_A_re, A_im, C) -> tuple[Complex[Array, "H N2"], Complex[Array, "F H N2"], Complex[Array, "H N2"]]:
+    """(dtA, C' = C·dB, dA): `zoh` with dB folded into the readout."""
+    dtA, dA, dB = zoh(log_dt, log_A_re, A_im)
+    C = jnp.asarray(C, jnp.float32)
     Cc = C[..., 0] + 1j * C[..., 1]  # (F, H, N2)
     return dtA, Cc * dB[None], dA
 
@@ -92,24 +99,6 @@ def s4d_kernel_vandermonde(log_dt, log_A_re, A_im, C, length: int) -> Float[Arra
     return 2.0 * jnp.einsum("fhn,hnl->fhl", Cp, V).real
 
 
-def zoh(log_dt: Float[Array, "H"], log_A_re: Float[Array, "H N2"], A_im: Float[Array, "H N2"]
-        ) -> tuple[Complex[Array, "H N2"], Complex[Array, "H N2"]]:
-    """Zero-order hold with B = 1: (dA, dB) = (exp(dt·A), (exp(dt·A) − 1)/A), complex64."""
-    log_dt, log_A_re, A_im = (jnp.asarray(t, jnp.float32) for t in (log_dt, log_A_re, A_im))
-    A = -jnp.exp(log_A_re) + 1j * A_im  # (H, N2)
-    dA = jnp.exp(jnp.exp(log_dt)[:, None] * A)
-    return dA, (dA - 1.0) / A
-
-
-def s4d_step(dA, dB_C, state, u_t):
-    """One recurrent step for all channels: state (F?, H, N2) complex, u_t (H,) → (state, y_t).
-
-    Uses the factored form x_t = dA ⊙ x_{t−1} + u_t (B = 1 folded into C' = C·dB), y_t = 2·Re(C'·x_t)."""
-    state = dA * state + u_t[..., :, None]
-    y = 2.0 * jnp.sum(dB_C * state, axis=-1).real
-    return state, y
-
-
 class S4DRecurrence(eqx.Module):
     """The S4D convolution as a recurrence, for decoding one token at a time:
 
@@ -126,7 +115,7 @@ class S4DRecurrence(eqx.Module):
 
     @staticmethod
     def from_params(log_dt, log_A_re, A_im, C: Float[Array, "F H N2 2"], D: Float[Array, "F H"]) -> "S4DRecurrence":
-        dA, dB = zoh(log_dt, log_A_re, A_im)
+        _, dA, dB = zoh(log_dt, log_A_re, A_im)
         C = jnp.asarray(C, jnp.float32)
         return S4DRecurrence(dA, dB, C[..., 0] + 1j * C[..., 1], jnp.asarray(D, jnp.float32))
 

@@ -16,7 +16,6 @@ residual and pre-norm come from the model file, as for every sublayer.
 """
 from __future__ import annotations
 
-import math
 
 import equinox as eqx
 import jax
@@ -34,11 +33,6 @@ def gss_sizes(args, dims: Dims) -> tuple[int, int, int]:
     hs = int(args.get("ssm_dim", 0) or 0)
     hs = hs if hs > 0 else max(1, dims.d_model // 4)
     return F, hs, int(args.get("state", 64)) // 2
-
-
-def _isqrt_ceil(n: int) -> int:
-    """L1 of _ssm.s4d_kernel's factorisation."""
-    return max(1, math.isqrt(n - 1) + 1) if n > 1 else 1
 
 
 class GatedStateSpace(eqx.Module):
@@ -124,7 +118,7 @@ class GatedStateSpaceOp(Op):
         # Kernel generation, once per sequence: the factored Vandermonde product l = a·L1 + b is a
         # complex matmul (counted as XLA counts it, 2 per multiply-add) plus ~19 flops of complex
         # exp/multiply per (mode, L1 + L2) entry.
-        l1 = _isqrt_ceil(L)
+        l1, _ = _ssm.factor_length(L)
         kernel = hs * n2 * (2.0 + 19.0 * (l1 + -(-L // l1)) / L)
         return float(dense + pointwise + conv + kernel)
 

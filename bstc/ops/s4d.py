@@ -46,11 +46,6 @@ class S4DLayer(eqx.Module):
         return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
 
     # ---- recurrent form, for decoding ---------------------------------------------------------
-    def recurrent_form(self):
-        """(dA, C' = C·dB, D) for `_ssm.s4d_step` (state (F, H, N2) complex, one sequence)."""
-        _, Cp, dA = _ssm.discretize(self.log_dt, self.log_A_re, self.A_im, self.C)
-        return dA, Cp, self.D
-
     def recurrence(self) -> _ssm.S4DRecurrence:
         """The convolution + skip as a recurrence (dA, dB, C, D), batched over sequences."""
         return _ssm.S4DRecurrence.from_params(self.log_dt, self.log_A_re, self.A_im, self.C, self.D)
