@@ -5,7 +5,7 @@ import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-from bstc.ops._common import Positionwise
+from bstc.ops._common import Positionwise, rms_norm
 from bstc.ops.base import Op, Param, register
 
 
@@ -17,9 +17,7 @@ class RMSNormLayer(eqx.Module, Positionwise):
     eps: float = eqx.field(static=True)
 
     def __call__(self, x, *, context=None, key=None):
-        xf = x.astype(jnp.float32)
-        y = xf * jnp.reciprocal(jnp.sqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps))
-        return (y * self.weight.astype(jnp.float32)).astype(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class LayerNormLayer(eqx.Module, Positionwise):
