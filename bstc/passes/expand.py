@@ -84,13 +84,8 @@ def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
             elif isinstance(st, ast.Repeat):
                 if depth == 0:
                     order.append("block")  # even with a bad count: "no blocks" would only repeat it
-                n = evaluate(st.count, scope, errors)
+                n = _positive_int(st.count, st.span, scope, errors, "repeat count must be a positive integer")
                 if n is None:
-                    continue
-                if isinstance(n, float) and n.is_integer():
-                    n = int(n)
-                if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-                    errors.error(st.count.span or st.span, f"repeat count must be a positive integer, got {n!r}")
                     continue
                 if n > MAX_LAYERS:
                     errors.error(st.count.span or st.span, f"repeat count {n} is too large (at most {MAX_LAYERS})")
@@ -188,6 +183,20 @@ def _pattern_uses(p: ast.Pattern, errors: Collector) -> list[ast.Use]:
     return out
 
 
+def _positive_int(expr, fallback_span, scope: Scope, errors: Collector, message: str) -> int | None:
+    """The value of a count or step: a positive integer (a whole float is accepted), else None
+    after reporting `message, got …` at the expression."""
+    v = evaluate(expr, scope, errors)
+    if v is None:
+        return None
+    if isinstance(v, float) and v.is_integer():
+        v = int(v)
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        errors.error(expr.span or fallback_span, f"{message}, got {v!r}")
+        return None
+    return v
+
+
 def _index(v, n: int, span, what: str, errors: Collector) -> int | None:
     if isinstance(v, float) and v.is_integer():
         v = int(v)
@@ -207,13 +216,9 @@ def _place(base: list, placements: list, scope: Scope, errors: Collector) -> Non
     claimed: dict[int, ast.Place] = {}
     for pl in placements:
         if pl.step is not None:
-            step, start = evaluate(pl.step, scope, errors), evaluate(pl.start, scope, errors)
+            step = _positive_int(pl.step, pl.span, scope, errors, "`every` needs a positive integer step")
+            start = evaluate(pl.start, scope, errors)
             if step is None or start is None:
-                continue
-            if isinstance(step, float) and step.is_integer():
-                step = int(step)
-            if isinstance(step, bool) or not isinstance(step, int) or step < 1:
-                errors.error(pl.step.span or pl.span, f"`every` needs a positive integer step, got {step!r}")
                 continue
             first = _index(start, n, pl.start.span or pl.span, "`from`", errors)
             if first is None:
