@@ -128,12 +128,7 @@ class _Walker:
             self.err(root, "missing key 'model' (the model's name)")
             return None
         name = self.name(top["model"][1], "'model'")
-        assigns = []
-        if "params" in top:
-            for key, (kn, vn) in (self.mapping(top["params"][1], "'params'") or {}).items():
-                v = self.value(vn, edge_ok=False)
-                if v is not None:
-                    assigns.append(ast.Assign(key, v, self.span(kn)))
+        assigns = self.named_values(top["params"][1], "'params'", ast.Assign) if "params" in top else []
         blocks = []
         if "blocks" in top:
             for bname, (kn, vn) in (self.mapping(top["blocks"][1], "'blocks'") or {}).items():
@@ -306,14 +301,18 @@ class _Walker:
             self.err(node, "this entry needs 'use': the block to place")
             return None
         block = self.name(m["use"][1], "'use'")
-        args = []
-        if "args" in m:
-            for aname, (ak, av) in (self.mapping(m["args"][1], "'args'") or {}).items():
-                v = self.value(av, edge_ok=False)
-                if v is not None:
-                    args.append(ast.Arg(aname, v, self.span(ak)))
+        args = self.named_values(m["args"][1], "'args'", ast.Arg) if "args" in m else []
         share = self.name(m["share"][1], "'share'") if "share" in m else None
         return ast.Use(block, tuple(args), share, self.span(m["use"][1])) if block else None
+
+    def named_values(self, node, what: str, make) -> list:
+        """{name: expression} → [make(name, value, span)], each value an expression (no edges)."""
+        out = []
+        for key, (kn, vn) in (self.mapping(node, what) or {}).items():
+            v = self.value(vn, edge_ok=False)
+            if v is not None:
+                out.append(make(key, v, self.span(kn)))
+        return out
 
 
 def parse_yaml(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
