@@ -180,10 +180,9 @@ class _OneBlock(eqx.Module):
 
     def run(self, x, aux, *, key, pos: int, shared):
         k = None if key is None else jax.random.fold_in(key, pos)
-        block, remat = self.block_of(shared), getattr(self, "remat", "none")
-        f = (lambda x, k: block.forward(x, key=k)) if remat == "none" else _remat(
-            lambda x, k: block.forward(x, key=k), remat)
-        x, a = f(x, k)
+        block = self.block_of(shared)
+        # a shared block has no remat policy of its own (as before: it is never rematerialised)
+        x, a = _remat(lambda x, k: block.forward(x, key=k), getattr(self, "remat", "none"))(x, k)
         return x, aux + a
 
     def init_cache(self, batch, dtype, length, shared):
