@@ -3,7 +3,7 @@
 Public API:
     bstc.parse(path_or_text, overrides=None)  -> checked IR (bstc.ir.Model)
     bstc.explain(path_or_text, overrides=None, batch=8) -> Report
-    bstc.load(path_or_text, *, key, overrides=None) -> eqx.Module mapping (B, L) int32 -> (B, L, vocab)
+    bstc.load(path_or_text, *, key, overrides=None, weights=None) -> eqx.Module mapping (B, L) int32 -> (B, L, vocab)
 """
 from __future__ import annotations
 
@@ -35,11 +35,27 @@ def explain(source, overrides=None, batch: int = 8):
     return _explain(source, overrides=overrides, batch=batch)
 
 
-def load(source, *, key, overrides=None, scan: bool = True, remat: str = "none"):
-    """Parse, check and lower a model file to an Equinox module."""
-    from bstc.lower import load as _load
+def load(source, *, key=None, overrides=None, scan: bool = True, remat: str = "none", weights=None):
+    """Parse, check and lower a model file to an Equinox module.
 
-    return _load(source, key=key, overrides=overrides, scan=scan, remat=remat)
+    `weights`: a safetensors file written by `bstc export` (or `bstc.weights.save`); its arrays
+    replace the initial ones, matched by dotted parameter path. Then `key` may be omitted: the
+    model is built from shapes alone, nothing is initialised only to be overwritten."""
+    from bstc.lower import load as _load, lower as _lower
+
+    if weights is None:
+        if key is None:
+            raise TypeError("bstc.load needs key= (a jax.random key) unless weights= is given")
+        return _load(source, key=key, overrides=overrides, scan=scan, remat=remat)
+    import equinox as _eqx
+    import jax as _jax
+
+    from bstc import weights as _weights
+
+    m = parse(source, overrides)
+    template = _eqx.filter_eval_shape(_lower, m, key=_jax.random.key(0) if key is None else key,
+                                      scan=scan, remat=remat)
+    return _weights.fill(template, weights, model_fingerprint=_weights.fingerprint(m))
 
 
 __all__ = ["parse", "explain", "load", "BstcError", "Diagnostic", "Span", "__version__"]

@@ -249,6 +249,20 @@ def plot(run_dir: Optional[Path] = typer.Argument(
     typer.echo(f"wrote {plot_losses(run_dir)}")
 
 
+@_errors
+def export(
+    run_dir: Optional[Path] = typer.Argument(
+        None, help="A run directory written by `bstc train` (default: the latest under ./runs)."),
+    output: Path = typer.Option(..., "-o", "--output", help="The weights file to write (NAME.safetensors); "
+                                "the resolved model file is written beside it (NAME.bst)."),
+    step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest readable)."),
+):
+    """Write a run's trained weights as safetensors, with the resolved model file beside them."""
+    from bstc.runtime.export import export_run
+
+    export_run(run_dir or _latest_run(), output, step=step, say=typer.echo)
+
+
 def _csv(text: Optional[str], what: str, cast=str) -> list | None:
     if not text:
         return None
@@ -301,3 +315,4 @@ def register(app: typer.Typer) -> None:
     app.command("train")(train)
     app.command("eval")(eval_cmd)
     app.command("plot")(plot)
+    app.command("export")(export)
