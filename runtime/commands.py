@@ -76,7 +76,11 @@ def train(
         None, help="Model file (.bst/.yaml) or zoo name. Default: bst_sh_s4 (tiny overrides)."),
     data: Optional[str] = typer.Option(
         None, "--data", help="Text to train on: files, directories, globs (comma-separated). "
-        "Default: the embedded corpus (this Python's standard-library sources)."),
+        "Default: the embedded corpus (this Python's standard-library sources). JSON Lines (.jsonl), "
+        "Parquet (.parquet) and ArrayRecord (.arrayrecord) files hold one document per record."),
+    text_field: Optional[str] = typer.Option(
+        None, "--text-field", help="The field of a JSON Lines / Parquet / ArrayRecord record that holds its text "
+        "(default: text)."),
     task: Optional[str] = typer.Option(
         None, "--task", help="Train on a synthetic long-range task instead: recall, copy, induction."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 300)."),
@@ -125,7 +129,7 @@ def train(
 
     enable_compilation_cache()
     sets = parse_sets(set_)
-    flags = dict(model=model, data=data, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
+    flags = dict(model=model, data=data, text_field=text_field, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
                  length_mix=_factors(length_mix),
                  eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
@@ -174,7 +178,7 @@ def train(
 
 # What a resumed run must keep: its model, data stream and optimizer state depend on these.
 # Steps, evaluation and checkpoint cadence, the learning rate and the mesh may change.
-_FIXED_ON_RESUME = ("model", "data", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
+_FIXED_ON_RESUME = ("model", "data", "text_field", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
                     "preset", "seed")
 
 

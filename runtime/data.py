@@ -3,7 +3,8 @@
 Sources
   * the embedded default corpus: the `.py` sources of the running interpreter's standard
     library (a real code corpus that needs no download), split by file into train/validation/test;
-  * user text: `--data` files, directories or globs;
+  * user text: `--data` files, directories or globs: plain text, or records (one document per
+    record) in JSON Lines (`.jsonl`), Parquet (`.parquet`) or ArrayRecord (`.arrayrecord`) files;
   * synthetic long-range tasks (associative recall, copy, induction) generated on the fly.
 
 Every example is a dict of `inputs` (L,) int32, `targets` (L,) int32 and `mask` (L,) float32;
@@ -15,6 +16,8 @@ from __future__ import annotations
 import functools
 import glob as _glob
 import hashlib
+import importlib.util
+import json
 import os
 import sys
 import sysconfig
@@ -59,6 +62,30 @@ def stdlib_files() -> list[tuple[str, Path]]:
     return out
 
 
+# Record files: one document per record, its text in a field (--text-field, default `text`).
+# The format goes by the file's suffix; every other file is plain text (one document).
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet",
+           ".arrayrecord": "arrayrecord", ".array_record": "arrayrecord"}
+# The optional dependency each record format needs: (module, pip extra, what to install).
+READERS = {"parquet": ("pyarrow", "parquet", "pyarrow"), "arrayrecord": ("array_record", None, "array-record")}
+
+
+def file_format(path: Path) -> str:
+    """'text' | 'jsonl' | 'parquet' | 'arrayrecord', by suffix."""
+    return FORMATS.get(Path(path).suffix.lower(), "text")
+
+
+def need_reader(fmt: str) -> None:
+    """A one-line error naming the extra when a record format's reader is not installed."""
+    if fmt not in READERS:
+        return
+    module, extra, package = READERS[fmt]
+    if importlib.util.find_spec(module) is None:
+        how = f"pip install 'bstc[{extra}]'" if extra else f"pip install {package}"
+        raise DataError(f"reading {fmt.replace('arrayrecord', 'ArrayRecord').replace('parquet', 'Parquet')} "
+                        f"files needs the optional dependency {package}: {how}")
+
+
 def user_files(spec: str) -> list[tuple[str, Path]]:
     """Resolve `--data`: comma-separated files, directories (recursive) and globs."""
     out: list[tuple[str, Path]] = []
@@ -84,7 +111,103 @@ def user_files(spec: str) -> list[tuple[str, Path]]:
             raise DataError(f"--data '{part}' does not exist")
     if not out:
         raise DataError(f"--data '{spec}' names no files")
+    for fmt in sorted({file_format(q) for _, q in out}):
+        need_reader(fmt)
     return out
+
+
+def _field_error(where: str, field: str, have) -> DataError:
+    names = ", ".join(sorted(map(str, have))[:8]) or "none"
+    return DataError(f"{where} has no field '{field}' (fields: {names}); choose one with --text-field")
+
+
+def _jsonl_documents(path: Path, field: str) -> list[bytes]:
+    docs = []
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise DataError(f"{path}:{n}: not a JSON object: {getattr(e, 'msg', e)}") from None
+            if not isinstance(rec, dict):
+                raise DataError(f"{path}:{n}: not a JSON object: a {type(rec).__name__}")
+            if field not in rec:
+                raise _field_error(f"{path}:{n}", field, rec)
+            text = rec[field]
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: field '{field}' is a {type(text).__name__}, not text")
+            docs.append(text.encode("utf-8", "surrogatepass"))
+    return docs
+
+
+def _parquet_documents(path: Path, field: str) -> list[bytes]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if field not in names:
+            raise _field_error(f"Parquet file '{path}'", field, names)
+        col = pf.read(columns=[field]).column(field)
+    except DataError:
+        raise
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds; one line for the user
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read Parquet file '{path}': {msg}") from None
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
+        raise DataError(f"Parquet file '{path}': column '{field}' holds {col.type}, not text")
+    return [t.encode("utf-8") for t in col.to_pylist() if t is not None]
+
+
+def _arrayrecord_documents(path: Path, field: str) -> list[bytes]:
+    """Records that are JSON objects give their `field`; any other record is the document's text."""
+    from grain.sources import ArrayRecordDataSource
+
+    try:
+        src = ArrayRecordDataSource([str(path)])
+        records = [src[i] for i in range(len(src))]
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot read ArrayRecord file '{path}': {msg}") from None
+    docs = []
+    for n, r in enumerate(records):
+        r = bytes(r)
+        if r.lstrip()[:1] == b"{":
+            try:
+                rec = json.loads(r)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                rec = None
+            if isinstance(rec, dict):
+                if field not in rec:
+                    raise _field_error(f"ArrayRecord file '{path}', record {n}", field, rec)
+                if isinstance(rec[field], str):
+                    docs.append(rec[field].encode("utf-8"))
+                    continue
+                raise DataError(f"ArrayRecord file '{path}', record {n}: field '{field}' is a "
+                                f"{type(rec[field]).__name__}, not text")
+        docs.append(r)
+    return docs
+
+
+def read_documents(path: Path, text_field: str = "text") -> list[bytes]:
+    """The documents of a record file (UTF-8 bytes each), or a text file's bytes as one document."""
+    fmt = file_format(path)
+    need_reader(fmt)
+    if fmt == "jsonl":
+        try:
+            return _jsonl_documents(path, text_field)
+        except OSError as e:
+            raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
+    if fmt == "parquet":
+        return _parquet_documents(path, text_field)
+    if fmt == "arrayrecord":
+        return _arrayrecord_documents(path, text_field)
+    return [_read(path)]
 
 
 def _read(path: Path) -> bytes:
@@ -94,40 +217,67 @@ def _read(path: Path) -> bytes:
         raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
 
 
-@functools.lru_cache(maxsize=4)
-def load_corpus(data: str | None, vocab: int = 256) -> dict[str, np.ndarray]:
-    """Token streams (uint16) per split. Files are split by name when there are enough of them
-    for every split to get some; otherwise the joined stream is cut 90/5/5 by position."""
+def corpus_documents(data: str | None, text_field: str = "text") -> list[tuple[str, list[bytes]]]:
+    """(file name, its documents) for the embedded corpus or `--data`, binary text files skipped
+    (or refused when named directly)."""
     named = stdlib_files() if data in (None, DEFAULT_CORPUS) else user_files(data)
-    eos = np.array([eos_token(vocab)], np.uint16)
-    docs = {s: [] for s in SPLITS}
-    blobs, skipped = [], []
     user = data not in (None, DEFAULT_CORPUS)
-    # The same rule wherever a file comes from: a file with a NUL byte in its first 8 KiB is
+    files, skipped = [], []
+    # The same rule wherever a text file comes from: a file with a NUL byte in its first 8 KiB is
     # binary. Named directly it is refused; found in a directory or by a glob it is skipped.
+    # Record files (JSON Lines, Parquet, ArrayRecord) are read by their format instead.
     direct = {Path(s.strip()).expanduser() for s in data.split(",")} if user else set()
     for name, path in named:
+        if file_format(path) != "text":
+            files.append((name, read_documents(path, text_field)))
+            continue
         b = _read(path)
         if user and b"\x00" in b[:8192]:
             if path in direct:
                 raise DataError(f"--data file '{path}' is binary, not text")
             skipped.append(name)
             continue
-        blobs.append((name, b))
+        files.append((name, [b]))
     if skipped:
         print(f"bstc: --data: skipped {len(skipped)} binary file(s): {', '.join(skipped[:5])}"
               + (" …" if len(skipped) > 5 else ""), file=sys.stderr, flush=True)
-    if not any(b for _, b in blobs):
+    if not any(d for _, docs in files for d in docs):
         raise DataError(f"--data '{data}' contains no text (all files empty or binary)")
-    by_file = {split_of(n) for n, _ in blobs}
-    if len(blobs) >= 10 and by_file == set(SPLITS):
-        for name, b in blobs:
-            docs[split_of(name)] += [np.frombuffer(b, np.uint8).astype(np.uint16), eos]
-        return {s: np.concatenate(docs[s]) for s in SPLITS}
-    stream = np.concatenate([x for _, b in blobs for x in (np.frombuffer(b, np.uint8).astype(np.uint16), eos)])
+    return files
+
+
+def split_files(files: list[tuple[str, Any]]) -> dict[str, list] | None:
+    """Files by split when there are enough of them for every split to get some (by a hash of
+    the name, `split_of`); None when the joined stream is to be cut 90/5/5 by position."""
+    if len(files) >= 10 and {split_of(n) for n, _ in files} == set(SPLITS):
+        out: dict[str, list] = {s: [] for s in SPLITS}
+        for name, x in files:
+            out[split_of(name)].append(x)
+        return out
+    return None
+
+
+def cut_stream(stream: np.ndarray) -> dict[str, np.ndarray]:
     n = len(stream)
     a, b = int(n * 0.9), int(n * 0.95)
     return {"train": stream[:a], "validation": stream[a:b], "test": stream[b:]}
+
+
+@functools.lru_cache(maxsize=4)
+def load_corpus(data: str | None, vocab: int = 256, text_field: str = "text") -> dict[str, np.ndarray]:
+    """Token streams (uint16) per split. Files are split by name when there are enough of them
+    for every split to get some; otherwise the joined stream is cut 90/5/5 by position. Each
+    document (a text file, or a record of a record file) is followed by EOS."""
+    eos = np.array([eos_token(vocab)], np.uint16)
+
+    def tokens(docs: list[bytes]) -> list[np.ndarray]:
+        return [x for d in docs for x in (np.frombuffer(d, np.uint8).astype(np.uint16), eos)]
+
+    files = corpus_documents(data, text_field)
+    by_split = split_files(files)
+    if by_split is not None:
+        return {s: np.concatenate([t for docs in by_split[s] for t in tokens(docs)]) for s in SPLITS}
+    return cut_stream(np.concatenate([t for _, docs in files for t in tokens(docs)]))
 
 
 def describe_corpus(data: str | None = None) -> dict[str, Any]:
@@ -250,7 +400,7 @@ SPLIT_SEED = {"train": 0, "validation": 1_000_003, "test": 2_000_006}
 
 
 def make_source(*, data: str | None, task: str | None, split: str, seq_len: int, vocab: int,
-                seed: int, task_args: dict | None = None):
+                seed: int, task_args: dict | None = None, text_field: str = "text"):
     """The random-access source of examples for one split."""
     if task:
         try:
@@ -263,7 +413,7 @@ def make_source(*, data: str | None, task: str | None, split: str, seq_len: int,
     if vocab < 256:  # text is read as bytes: an id ≥ vocab would be an error in the model
         raise DataError(f"text is read as bytes (ids 0–255), but the model's vocab is {vocab}: "
                         "use vocab ≥ 256 (`--set vocab=256`), or a synthetic --task")
-    return PackedText(load_corpus(data, vocab)[split], seq_len)
+    return PackedText(load_corpus(data, vocab, text_field)[split], seq_len)
 
 
 READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)

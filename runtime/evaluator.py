@@ -88,7 +88,7 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
             results["lengths"][str(L)] = dict(skipped=f"not a multiple of the window ({spec.window})")
             continue
         src = D.make_source(data=cfg.data, task=cfg.task, split=split, seq_len=L, vocab=spec.vocab,
-                            seed=cfg.seed, task_args=cfg.task_args)
+                            seed=cfg.seed, task_args=cfg.task_args, text_field=cfg.text_field)
         n_seq = min(len(src), max(1, max_tokens // L))
         if n_seq == 0:
             results["lengths"][str(L)] = dict(skipped=f"the {split} split is shorter than {L} tokens")

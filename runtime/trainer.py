@@ -241,7 +241,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
                          "or choose another -o")
 
     src = dict(data=cfg.data, task=cfg.task, seq_len=seq_len, vocab=spec.vocab, seed=cfg.seed,
-               task_args=cfg.task_args)
+               task_args=cfg.task_args, text_field=cfg.text_field)
     train_src = D.make_source(split="train", **src)
     if cfg.length_mix:  # validation stays at seq_len: it measures the in-length result
         train_src = D.LengthMix([D.make_source(split="train", **{**src, "seq_len": seq_len * m})

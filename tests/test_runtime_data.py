@@ -128,3 +128,103 @@ def test_recall_answers_follow_their_keys():
     for pos in np.flatnonzero(ex["mask"]):
         assert pairs[ex["inputs"][pos]] == ex["targets"][pos]
     assert t.chance == 1 / 8
+
+
+# ---- dataset files: JSON Lines, Parquet, ArrayRecord ------------------------------------------------
+
+DOCS = [f"document {i}: " + "ab" * i + "\n" for i in range(12)] + ["ünïcode ✓"]
+
+
+def _jsonl(path, docs, field="text"):
+    import json
+
+    path.write_text("".join(json.dumps({field: d, "id": i}) + "\n" + ("\n" if i == 3 else "")
+                            for i, d in enumerate(docs)))
+    return path
+
+
+def _expected_stream(docs, eos=0):
+    out = []
+    for d in docs:
+        out += list(d.encode()) + [eos]
+    return out
+
+
+def test_jsonl_records_are_documents(tmp_path):
+    f = _jsonl(tmp_path / "c.jsonl", DOCS)
+    c = D.load_corpus(str(f))
+    joined = np.concatenate([c[s] for s in D.SPLITS]).tolist()
+    assert joined == _expected_stream(DOCS)  # one file: the joined stream, cut 90/5/5 by position
+    assert len(c["train"]) == int(len(joined) * 0.9)
+    # another field
+    g = _jsonl(tmp_path / "d.jsonl", DOCS, field="body")
+    assert D.load_corpus(str(g), 256, "body")["train"].tolist() == joined[:int(len(joined) * 0.9)]
+    with pytest.raises(DataError, match=r"d.jsonl:1 has no field 'text' \(fields: body, id\); choose one with --text-field"):
+        D.load_corpus(str(g))
+
+
+def test_record_files_split_by_file_like_text(tmp_path):
+    names = [f"part-{i:03d}.jsonl" for i in range(100)]  # every split gets a file (95 / 4 / 1)
+    assert {D.split_of(n) for n in names} == set(D.SPLITS)
+    for i, n in enumerate(names):
+        _jsonl(tmp_path / n, [f"file {i} doc {j}\n" for j in range(3)])
+    c = D.load_corpus(str(tmp_path))
+    for s in D.SPLITS:
+        want = [t for n in names if D.split_of(n) == s
+                for t in _expected_stream([f"file {names.index(n)} doc {j}\n" for j in range(3)])]
+        assert c[s].tolist() == want
+
+
+def test_parquet_and_arrayrecord_read_like_jsonl(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    want = D.load_corpus(str(_jsonl(tmp_path / "c.jsonl", DOCS)))
+    pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), tmp_path / "c.parquet")
+    got = D.load_corpus(str(tmp_path / "c.parquet"))
+    w = ArrayRecordWriter(str(tmp_path / "c.arrayrecord"), "group_size:1")
+    for i, d in enumerate(DOCS):  # JSON records and raw-text records may mix
+        w.write(__import__("json").dumps({"text": d}).encode() if i % 2 else d.encode())
+    w.close()
+    got2 = D.load_corpus(str(tmp_path / "c.arrayrecord"))
+    for s in D.SPLITS:
+        np.testing.assert_array_equal(got[s], want[s])
+        np.testing.assert_array_equal(got2[s], want[s])
+    with pytest.raises(DataError, match=r"Parquet file '.*c.parquet' has no column|has no field 'body' \(fields: id, text\)"):
+        D.load_corpus(str(tmp_path / "c.parquet"), 256, "body")
+    with pytest.raises(DataError, match=r"column 'id' holds int64, not text"):
+        D.load_corpus(str(tmp_path / "c.parquet"), 256, "id")
+
+
+@pytest.mark.parametrize("name, content, msg", [
+    ("bad.parquet", b"PAR1 this is not parquet", r"cannot read Parquet file '.*bad.parquet': "),
+    ("bad.arrayrecord", b"garbage" * 10, r"cannot read ArrayRecord file '.*bad.arrayrecord': "),
+    ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl:2: not a JSON object"),
+    ("list.jsonl", b'["text"]\n', r"list.jsonl:1: not a JSON object: a list"),
+    ("num.jsonl", b'{"text": 3}\n', r"num.jsonl:1: field 'text' is a int, not text"),
+])
+def test_unreadable_record_files_are_one_line_errors(tmp_path, name, content, msg):
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError, match=msg) as e:
+        D.load_corpus(str(tmp_path / name))
+    assert "\n" not in str(e.value)
+
+
+def test_a_missing_reader_names_the_extra(monkeypatch):
+    real = D.importlib.util.find_spec
+    monkeypatch.setattr(D.importlib.util, "find_spec", lambda n, *a: None if n == "pyarrow" else real(n, *a))
+    with pytest.raises(DataError, match=r"^reading Parquet files needs the optional dependency pyarrow: "
+                                        r"pip install 'bstc\[parquet\]'$"):
+        D.need_reader("parquet")
+
+
+def test_bad_record_file_on_the_command_line_is_one_line(tmp_path):
+    (tmp_path / "c.jsonl").write_text('{"body": "x"}\n')
+    r = subprocess.run([sys.executable, "-m", "bstc.cli", "train", "--data", str(tmp_path / "c.jsonl"),
+                        "--set", "d_model=32", "--steps", "1", "-o", str(tmp_path / "run"), "-q"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [
+        f"bstc: error: {tmp_path / 'c.jsonl'}:1 has no field 'text' (fields: body); choose one with --text-field"], r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
