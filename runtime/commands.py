@@ -81,6 +81,9 @@ def train(
     text_field: Optional[str] = typer.Option(
         None, "--text-field", help="The field of a JSON Lines / Parquet / ArrayRecord record that holds its text "
         "(default: text)."),
+    tokenizer: Optional[str] = typer.Option(
+        None, "--tokenizer", help="A tokenizer file: Hugging Face tokenizers JSON (e.g. from `bstc tokenizer "
+        "train`) or a SentencePiece model. Sets the model's vocab. Default: bytes."),
     task: Optional[str] = typer.Option(
         None, "--task", help="Train on a synthetic long-range task instead: recall, copy, induction."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Optimizer steps (default 300)."),
@@ -129,7 +132,7 @@ def train(
 
     enable_compilation_cache()
     sets = parse_sets(set_)
-    flags = dict(model=model, data=data, text_field=text_field, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
+    flags = dict(model=model, data=data, text_field=text_field, tokenizer=tokenizer, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
                  length_mix=_factors(length_mix),
                  eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
@@ -163,6 +166,10 @@ def train(
         model_path = resolve_model(cfg.model)
         run_dir = output or Path("runs") / f"{model_path.stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         overrides = effective_overrides(model_path, cfg)
+        if cfg.tokenizer and not cfg.task:
+            from bstc.runtime.tokenizer import load_tokenizer
+
+            overrides = tokenizer_vocab(overrides, cfg.set, load_tokenizer(cfg.tokenizer))
     else:
         import json
 
@@ -176,9 +183,26 @@ def train(
     run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead, resume_step=step)
 
 
+def tokenizer_vocab(overrides: dict, explicit: dict, tok) -> dict:
+    """The tokenizer sets the model's vocab as a `--set vocab=` would. An explicit vocab (a --set,
+    or `set:` in the run config) at least as large is kept; a smaller one is a located error."""
+    from bstc.errors import BstcError, Diagnostic, Span
+
+    if "vocab" not in explicit:
+        return {**overrides, "vocab": tok.n_ids}
+    v = str(explicit["vocab"]).strip()
+    if v.isdigit() and int(v) < tok.n_ids:
+        line = f"vocab={v}"
+        raise BstcError([Diagnostic(
+            Span("<--set>", 1, 7, 1, 7 + len(v)),
+            f"--set vocab={v} is smaller than the tokenizer's {tok.n_ids:,} ids ({tok.describe()})",
+            f"drop --set vocab (the tokenizer sets it), or give at least {tok.n_ids}")], {"<--set>": line})
+    return overrides
+
+
 # What a resumed run must keep: its model, data stream and optimizer state depend on these.
 # Steps, evaluation and checkpoint cadence, the learning rate and the mesh may change.
-_FIXED_ON_RESUME = ("model", "data", "text_field", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
+_FIXED_ON_RESUME = ("model", "data", "text_field", "tokenizer", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
                     "preset", "seed")
 
 
@@ -267,6 +291,29 @@ def export(
     export_run(run_dir or _latest_run(), output, step=step, say=typer.echo)
 
 
+tokenizer_app = typer.Typer(help="Tokenizers: train a BPE tokenizer on your corpus.", no_args_is_help=True)
+
+
+@tokenizer_app.command("train")
+@_errors
+def tokenizer_train(
+    data: str = typer.Option(..., "--data", help="The corpus: files, directories, globs (comma-separated), as "
+                             "for `bstc train --data`; only its training split is read."),
+    vocab: int = typer.Option(8192, "--vocab", help="Vocabulary size, the end-of-document token included."),
+    output: Path = typer.Option(..., "-o", "--output", help="The tokenizer file to write (JSON), e.g. tok.json."),
+    text_field: str = typer.Option("text", "--text-field", help="The text field of JSON Lines / Parquet / "
+                                   "ArrayRecord records."),
+):
+    """Train a byte-level BPE tokenizer (Hugging Face tokenizers) on a corpus; use it with --tokenizer."""
+    from bstc.runtime.data import user_files
+    from bstc.runtime.tokenizer import train_bpe
+
+    user_files(data)
+    tok = train_bpe(data, vocab, output, text_field=text_field, progress=sys.stderr.isatty())
+    typer.echo(f"wrote {output}: {tok.n_ids:,} ids (byte-level BPE, EOS <|endoftext|> = {tok.eos_id}); "
+               f"train with: bstc train --data {data} --tokenizer {output}")
+
+
 def _csv(text: Optional[str], what: str, cast=str) -> list | None:
     if not text:
         return None
@@ -320,3 +367,4 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(eval_cmd)
     app.command("plot")(plot)
     app.command("export")(export)
+    app.add_typer(tokenizer_app, name="tokenizer")

@@ -54,6 +54,7 @@ class RunConfig:
     preset: str = "auto"                  # auto: tiny for zoo models, none for user files; tiny; none
     data: str | None = None               # None: the embedded stdlib corpus; else file/dir/glob
     text_field: str = "text"              # the text of a JSON Lines / Parquet / ArrayRecord record
+    tokenizer: str | None = None          # None: bytes; else a tokenizers JSON or SentencePiece model file
     task: str | None = None               # a synthetic task instead of text: recall|copy|induction
     task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {pairs: 4}
     seq_len: int | None = None            # None: the model's seq_len
@@ -112,6 +113,7 @@ class RunConfig:
              f"unknown task '{self.task}' (choose from {', '.join(TASKS)})")
         need(not (self.task and self.data), "give either --data or --task, not both")
         need(bool(self.text_field.strip()), "text_field must name a field, got an empty string")
+        need(not (self.task and self.tokenizer), "a tokenizer reads text: give --tokenizer or --task, not both")
         need(self.preset in ("auto", "tiny", "none"),
              f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")

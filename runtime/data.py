@@ -263,21 +263,72 @@ def cut_stream(stream: np.ndarray) -> dict[str, np.ndarray]:
     return {"train": stream[:a], "validation": stream[a:b], "test": stream[b:]}
 
 
+class Corpus(dict):
+    """Token streams per split, and the UTF-8 bytes each split's tokens stand for (the document
+    separator counts as one byte, as in the byte-level streams), for bits per byte."""
+
+    def __init__(self, streams: dict[str, np.ndarray], n_bytes: dict[str, int]):
+        super().__init__(streams)
+        self.n_bytes = n_bytes
+
+    def bytes_per_token(self, split: str) -> float:
+        return self.n_bytes[split] / max(len(self[split]), 1)
+
+
+def encode_files(files: list[tuple[str, list[bytes]]], tokenizer) -> list[tuple[str, np.ndarray, int]]:
+    """(name, token stream with EOS after each document, bytes it stands for) per file."""
+    out = []
+    for name, docs in files:
+        ids = tokenizer.encode_docs(docs)
+        dt = np.uint16 if tokenizer.n_ids <= 2**16 else np.uint32
+        eos = np.array([tokenizer.eos_id], dt)
+        parts = [x for t in ids for x in (t.astype(dt, copy=False), eos)]
+        out.append((name, np.concatenate(parts) if parts else np.zeros(0, dt), sum(len(d) + 1 for d in docs)))
+    return out
+
+
+def split_streams(encoded: list[tuple[str, np.ndarray, int]]) -> Corpus:
+    """The split rules on encoded files: by file name when there are enough files, else the
+    joined stream cut 90/5/5 by position (its bytes shared out in proportion to the tokens)."""
+    by_split = split_files([(n, (t, b)) for n, t, b in encoded])
+    if by_split is not None:
+        return Corpus({s: np.concatenate([t for t, _ in by_split[s]]) for s in SPLITS},
+                      {s: sum(b for _, b in by_split[s]) for s in SPLITS})
+    streams = cut_stream(np.concatenate([t for _, t, _ in encoded]))
+    total_tokens = max(sum(len(v) for v in streams.values()), 1)
+    total_bytes = sum(b for _, _, b in encoded)
+    return Corpus(streams, {s: round(total_bytes * len(streams[s]) / total_tokens) for s in SPLITS})
+
+
 @functools.lru_cache(maxsize=4)
-def load_corpus(data: str | None, vocab: int = 256, text_field: str = "text") -> dict[str, np.ndarray]:
-    """Token streams (uint16) per split. Files are split by name when there are enough of them
-    for every split to get some; otherwise the joined stream is cut 90/5/5 by position. Each
-    document (a text file, or a record of a record file) is followed by EOS."""
-    eos = np.array([eos_token(vocab)], np.uint16)
+def load_corpus(data: str | None, vocab: int = 256, text_field: str = "text", tokenizer=None) -> Corpus:
+    """Token streams per split. Files are split by name when there are enough of them for every
+    split to get some; otherwise the joined stream is cut 90/5/5 by position. Each document (a
+    text file, or a record of a record file) is followed by EOS. `tokenizer`: a
+    `bstc.runtime.tokenizer.Tokenizer` (default: bytes)."""
+    from bstc.runtime.tokenizer import Tokenizer
 
-    def tokens(docs: list[bytes]) -> list[np.ndarray]:
-        return [x for d in docs for x in (np.frombuffer(d, np.uint8).astype(np.uint16), eos)]
+    tok = tokenizer or Tokenizer(vocab)
+    return split_streams(encode_files(corpus_documents(data, text_field), tok))
 
+
+def training_documents(data: str | None, text_field: str = "text") -> list[bytes]:
+    """The documents of the training split, as `load_corpus` splits them (for training a
+    tokenizer on the training data alone)."""
     files = corpus_documents(data, text_field)
     by_split = split_files(files)
     if by_split is not None:
-        return {s: np.concatenate([t for docs in by_split[s] for t in tokens(docs)]) for s in SPLITS}
-    return cut_stream(np.concatenate([t for _, docs in files for t in tokens(docs)]))
+        return [d for docs in by_split["train"] for d in docs]
+    docs = [d for _, ds in files for d in ds]
+    limit, seen, out = 0.9 * sum(len(d) + 1 for d in docs), 0, []
+    for d in docs:
+        if seen + len(d) + 1 > limit:
+            if not out:  # one document: its first 90%
+                out.append(d[:int(limit)])
+            break
+        out.append(d)
+        seen += len(d) + 1
+    return out
 
 
 def describe_corpus(data: str | None = None) -> dict[str, Any]:
@@ -295,8 +346,9 @@ class PackedText:
     """Random access to fixed-length windows of a token stream: window i covers tokens
     [i*L, i*L + L] (L + 1 tokens: inputs and next-token targets), so each target is used once."""
 
-    def __init__(self, tokens: np.ndarray, seq_len: int):
+    def __init__(self, tokens: np.ndarray, seq_len: int, bytes_per_token: float = 1.0):
         self.tokens, self.seq_len = tokens, seq_len
+        self.bytes_per_token = bytes_per_token  # for bits per byte: 1 for byte-level tokens
         self.n = max(0, (len(tokens) - 1) // seq_len)
 
     def __len__(self) -> int:
@@ -400,8 +452,9 @@ SPLIT_SEED = {"train": 0, "validation": 1_000_003, "test": 2_000_006}
 
 
 def make_source(*, data: str | None, task: str | None, split: str, seq_len: int, vocab: int,
-                seed: int, task_args: dict | None = None, text_field: str = "text"):
-    """The random-access source of examples for one split."""
+                seed: int, task_args: dict | None = None, text_field: str = "text", tokenizer=None):
+    """The random-access source of examples for one split. `tokenizer`: a
+    `bstc.runtime.tokenizer.Tokenizer` for text (default: bytes)."""
     if task:
         try:
             t = Task(task, seq_len, seed + SPLIT_SEED[split], **(task_args or {}))
@@ -410,10 +463,15 @@ def make_source(*, data: str | None, task: str | None, split: str, seq_len: int,
         if vocab < 128:
             raise DataError(f"synthetic tasks use byte tokens < 128; the model's vocab is {vocab}")
         return t
-    if vocab < 256:  # text is read as bytes: an id ≥ vocab would be an error in the model
+    if tokenizer is not None and tokenizer.kind != "bytes":
+        if vocab < tokenizer.n_ids:
+            raise DataError(f"the tokenizer {tokenizer.describe()} needs vocab >= {tokenizer.n_ids}, "
+                            f"but the model's vocab is {vocab}")
+    elif vocab < 256:  # text is read as bytes: an id ≥ vocab would be an error in the model
         raise DataError(f"text is read as bytes (ids 0–255), but the model's vocab is {vocab}: "
                         "use vocab ≥ 256 (`--set vocab=256`), or a synthetic --task")
-    return PackedText(load_corpus(data, vocab, text_field)[split], seq_len)
+    corpus = load_corpus(data, vocab, text_field, tokenizer)
+    return PackedText(corpus[split], seq_len, corpus.bytes_per_token(split))
 
 
 READ = grain.ReadOptions(num_threads=1, prefetch_buffer_size=8)

@@ -83,12 +83,22 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
     results: dict[str, Any] = dict(run=str(run_dir), step=step, split=split, train_seq_len=train_len,
                                    task=cfg.task, lengths={})
     curves: dict[int, dict[str, Any]] = {}
+    tok = None
+    if cfg.tokenizer and not cfg.task:
+        from bstc.runtime.tokenizer import run_tokenizer
+
+        tok = run_tokenizer(run_dir, spec.vocab)
+        if tok.kind == "bytes":
+            raise UsageError(f"run '{run_dir}' was trained with the tokenizer {cfg.tokenizer}, but its copy "
+                             "(tokenizer.json / tokenizer.model) is missing from the run directory")
+        results["tokenizer"] = tok.describe()
     for L in lengths:
         if spec.window and L % spec.window:
             results["lengths"][str(L)] = dict(skipped=f"not a multiple of the window ({spec.window})")
             continue
         src = D.make_source(data=cfg.data, task=cfg.task, split=split, seq_len=L, vocab=spec.vocab,
-                            seed=cfg.seed, task_args=cfg.task_args, text_field=cfg.text_field)
+                            seed=cfg.seed, task_args=cfg.task_args, text_field=cfg.text_field,
+                            tokenizer=tok)
         n_seq = min(len(src), max(1, max_tokens // L))
         if n_seq == 0:
             results["lengths"][str(L)] = dict(skipped=f"the {split} split is shorter than {L} tokens")
@@ -109,7 +119,9 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
             results["lengths"][str(L)] = dict(skipped=f"the model does not run at length {L}: {msg}")
             continue
         loss = tot["nll"] / max(tot["count"], 1)
-        r = dict(loss=loss, perplexity=math.exp(min(loss, 50)), bpb=bits_per_byte(loss),
+        bpt = getattr(src, "bytes_per_token", 1.0)
+        r = dict(loss=loss, perplexity=math.exp(min(loss, 50)), bpb=bits_per_byte(loss, bpt),
+                 bytes_per_token=round(bpt, 6),
                  tokens=int(tot["count"]), sequences=n_seq, seconds=round(time.perf_counter() - t0, 2))
         if cfg.task:
             r["accuracy"] = tot["correct"] / max(tot["count"], 1)
@@ -138,7 +150,8 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
 def _print_table(console: Console, results: dict[str, Any], spec: ModelSpec, train_len: int) -> None:
     task = results.get("task")
     t = Table(title=f"{spec.name} · step {results['step']} · {results['split']}"
-              + (f" · task {task}" if task else ""), title_justify="left")
+              + (f" · task {task}" if task else "")
+              + (f" · tokenizer {results['tokenizer']}" if results.get("tokenizer") else ""), title_justify="left")
     for c in ("length", "tokens", "loss", "perplexity", "bits/byte") + (("accuracy",) if task else ()):
         t.add_column(c, justify="right")
     for L, r in results["lengths"].items():

@@ -8,7 +8,8 @@ file with the run's overrides (`--set`, the tiny preset) written into its parame
 
 rebuilds the trained model with no overrides and no run directory. The resolved file is checked
 before anything is written: it must compile to the IR the run trained (the same fingerprint).
-A run trained with a tokenizer gets it copied beside them too (`model.tokenizer.json`).
+A run trained with a tokenizer gets it copied beside them too (`NAME.tokenizer.json`, or
+`NAME.tokenizer.model` for SentencePiece).
 """
 from __future__ import annotations
 
@@ -96,10 +97,12 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, say=print) -> 
         model, at, _cfg, spec = load_model(run_dir, step=step)
         meta = dict(model=spec.name, fingerprint=want, step=str(at), vocab=str(spec.vocab),
                     seq_len=str(spec.seq_len), overrides=overrides, model_file=model_out.name)
-        tok = run_dir / "tokenizer.json"
+        from bstc.runtime.tokenizer import RUN_FILES
+
+        tok = next((run_dir / n for n in RUN_FILES if (run_dir / n).is_file()), run_dir / RUN_FILES[0])
         written = {}
         if tok.is_file():
-            tok_out = out.with_name(out.stem + ".tokenizer.json")
+            tok_out = out.with_name(out.stem + "." + tok.name)
             shutil.copyfile(tok, tok_out)
             meta["tokenizer"] = tok_out.name
             written["tokenizer"] = tok_out

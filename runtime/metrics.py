@@ -16,9 +16,10 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
 LN2 = math.log(2.0)
 
 
-def bits_per_byte(loss_nats: float) -> float:
-    """Byte-level tokens: one token is one byte, so bits/byte = nats/token / ln 2."""
-    return loss_nats / LN2
+def bits_per_byte(loss_nats: float, bytes_per_token: float = 1.0) -> float:
+    """bits/byte = nats/token / (ln 2 · bytes/token): byte-level tokens are one byte each; a
+    tokenizer's tokens stand for the split's UTF-8 bytes divided by its tokens."""
+    return loss_nats / (LN2 * bytes_per_token)
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -94,8 +95,10 @@ class ProgressBar:
     """step · loss · bits/byte · tokens/s · MFU · ETA. Off a terminal it prints a line every
     ~10% of the run instead (CI logs, pipes)."""
 
-    def __init__(self, total: int, start: int, enabled: bool = True, console: Console | None = None):
+    def __init__(self, total: int, start: int, enabled: bool = True, console: Console | None = None,
+                 bytes_per_token: float = 1.0):
         self.console = console or Console(stderr=True)
+        self.bytes_per_token = bytes_per_token
         self.enabled = enabled
         self.live = enabled and self.console.is_terminal
         self.total, self.start = total, start
@@ -117,7 +120,7 @@ class ProgressBar:
         self.progress.__exit__(*exc)
 
     def update(self, step: int, loss: float, tps: float, mfu: float | None = None) -> None:
-        fields = dict(loss=f"{loss:.4f}", bpb=f"{bits_per_byte(loss):.3f}", tps=f"{tps:,.0f}",
+        fields = dict(loss=f"{loss:.4f}", bpb=f"{bits_per_byte(loss, self.bytes_per_token):.3f}", tps=f"{tps:,.0f}",
                       mfu=f" · MFU {100 * mfu:.1f}%" if mfu is not None else "")
         self.progress.update(self.task, completed=step, **fields)
         if self.enabled and not self.live and ((step - self.start) % self._every == 0 or step == self.total):

@@ -1,4 +1,4 @@
-"""`bstc sample RUN_DIR`: generate bytes from a trained run.
+"""`bstc sample RUN_DIR`: generate text from a trained run (bytes, or through the run's tokenizer).
 
 Two ways to decode, with the same sampling:
 
@@ -26,7 +26,8 @@ import typer
 
 
 def choose(logits, key, temperature, n_bytes: int):
-    """The next token from one position's logits: temperature 0 = greedy; only bytes are sampled."""
+    """The next token from one position's logits: temperature 0 = greedy; only the first n_bytes
+    ids are sampled (the bytes, or a tokenizer's ids)."""
     logits = logits[..., :n_bytes]
     greedy = jnp.argmax(logits, axis=-1)
     sampled = jax.random.categorical(key, logits / jnp.maximum(temperature, 1e-6), axis=-1)
@@ -66,14 +67,42 @@ def generate_cached(model, prompt, n_tokens: int, key, temperature, n_bytes: int
     return out
 
 
+def generate_ids(model, prompt: list[int], n_tokens: int, *, seq_len: int, vocab: int, n_choices: int,
+                 temperature: float = 0.8, seed: int = 0, cache: bool | None = None) -> list[int]:
+    """Sample `n_tokens` ids after `prompt` (ids < vocab), each among the first `n_choices` ids
+    (256 for bytes; a tokenizer's ids). cache=True decodes through per-layer caches, False
+    recomputes the forward pass over the last seq_len tokens, None takes the first where the
+    model supports it."""
+    from bstc import decode
+
+    hist = list(prompt)
+    key = jax.random.key(seed)
+    ok, missing = decode.decodable(model) if cache is not False else (False, "")
+    if cache is None:
+        cache = ok
+    if cache:
+        if not ok:
+            raise ValueError(f"this model cannot decode through caches: {missing} have no decode step")
+        out = generate_cached(model, jnp.asarray(hist, jnp.int32), n_tokens, key, jnp.float32(temperature),
+                              n_choices)
+        return [int(t) for t in np.asarray(out)]
+    out = []
+    for i in range(n_tokens):
+        window = hist[-seq_len:]
+        buf = np.zeros((seq_len,), np.int32)
+        buf[:len(window)] = window
+        tok = int(next_token(model, jnp.asarray(buf), jnp.int32(len(window)), jax.random.fold_in(key, i),
+                             jnp.float32(temperature), n_choices))
+        hist.append(tok)
+        out.append(tok)
+    return out
+
+
 def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, temperature: float = 0.8,
              seed: int = 0, cache: bool | None = None) -> bytes:
     """Sample `n_tokens` bytes after `prompt` (the prompt may be empty). cache=True decodes through
     per-layer caches, False recomputes the forward pass over the last seq_len tokens, None takes
     the first where the model supports it."""
-    from bstc import decode
-
-    n_bytes = min(vocab, 256)
     hist = list(prompt) or [ord("\n")]
     outside = sorted({b for b in hist if b >= vocab})
     if outside:
@@ -81,31 +110,29 @@ def generate(model, prompt: bytes, n_tokens: int, *, seq_len: int, vocab: int, t
 
         raise UsageError(f"the prompt has bytes outside the model's vocab of {vocab} "
                          f"(e.g. {outside[0]}); this model reads only bytes < {vocab}")
-    key = jax.random.key(seed)
-    ok, missing = decode.decodable(model)
-    if cache is None:
-        cache = ok
-    if cache:
-        if not ok:
-            raise ValueError(f"this model cannot decode through caches: {missing} have no decode step")
-        out = generate_cached(model, jnp.asarray(hist, jnp.int32), n_tokens, key, jnp.float32(temperature), n_bytes)
-        return bytes(int(t) % 256 for t in np.asarray(out))
-    out = []
-    for i in range(n_tokens):
-        window = hist[-seq_len:]
-        buf = np.zeros((seq_len,), np.int32)
-        buf[:len(window)] = window
-        tok = int(next_token(model, jnp.asarray(buf), jnp.int32(len(window)), jax.random.fold_in(key, i),
-                             jnp.float32(temperature), n_bytes))
-        hist.append(tok)
-        out.append(tok)
+    out = generate_ids(model, hist, n_tokens, seq_len=seq_len, vocab=vocab, n_choices=min(vocab, 256),
+                       temperature=temperature, seed=seed, cache=cache)
     return bytes(t % 256 for t in out)
+
+
+def generate_text(model, tokenizer, prompt: str, n_tokens: int, *, seq_len: int, vocab: int,
+                  temperature: float = 0.8, seed: int = 0, cache: bool | None = None) -> str:
+    """Sample `n_tokens` tokens after `prompt` through a tokenizer (`bstc.runtime.tokenizer`): the
+    prompt is encoded, the ids drawn among the tokenizer's, and the continuation decoded. An empty
+    prompt starts from the end-of-document token."""
+    hist = tokenizer.encode(prompt) if prompt else [tokenizer.eos_id]
+    if not hist:
+        hist = [tokenizer.eos_id]
+    out = generate_ids(model, hist, n_tokens, seq_len=seq_len, vocab=vocab, n_choices=min(vocab, tokenizer.n_ids),
+                       temperature=temperature, seed=seed, cache=cache)
+    return tokenizer.decode(out)
 
 
 def sample(
     run_dir: Optional[Path] = typer.Argument(None, help="Run directory (default: the latest under ./runs)."),
     prompt: str = typer.Option("", "--prompt", "-p", help="Text to continue."),
-    tokens: int = typer.Option(200, "--tokens", "-n", min=1, help="How many bytes to generate."),
+    tokens: int = typer.Option(200, "--tokens", "-n", min=1, help="How many tokens to generate (bytes, or the "
+                               "run's tokenizer's tokens)."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     step: Optional[int] = typer.Option(None, "--step", help="Checkpoint step (default: the newest readable)."),
@@ -113,10 +140,11 @@ def sample(
                                   help="Recompute the forward pass over the last seq_len tokens for every token "
                                        "instead of decoding through per-layer caches."),
 ):
-    """Generate text from a trained run (byte-level), continuing --prompt."""
+    """Generate text from a trained run, continuing --prompt (through the run's tokenizer, if it has one)."""
     from bstc import decode
     from bstc.runtime.commands import _errors, _latest_run
     from bstc.runtime.evaluator import load_model
+    from bstc.runtime.tokenizer import run_tokenizer
 
     @_errors
     def run():
@@ -128,9 +156,14 @@ def sample(
         how = ("cached decoding" if cached else "recomputing the forward pass per token"
                + ("" if ok else f" ({missing} have no decode step)"))
         typer.echo(f"# {rd} (step {at_step}), temperature {temperature}, {how}", err=True)
-        text = generate(model, prompt.encode(), tokens, seq_len=seq_len, vocab=vocab, temperature=temperature,
-                        seed=seed, cache=cached)
-        sys.stdout.write(prompt + text.decode("utf-8", errors="replace") + "\n")
+        tok = run_tokenizer(rd, vocab) if _cfg.tokenizer else None
+        if tok is not None and tok.kind != "bytes":
+            text = generate_text(model, tok, prompt, tokens, seq_len=seq_len, vocab=vocab,
+                                 temperature=temperature, seed=seed, cache=cached)
+        else:
+            text = generate(model, prompt.encode(), tokens, seq_len=seq_len, vocab=vocab, temperature=temperature,
+                            seed=seed, cache=cached).decode("utf-8", errors="replace")
+        sys.stdout.write(prompt + text + "\n")
 
     run()
 

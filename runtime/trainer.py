@@ -29,6 +29,7 @@ from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
 from bstc.runtime.rundir import RunLock
+from bstc.runtime.tokenizer import save_to_run
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
 from bstc.lower import count_params
 from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, measure_matmul_peak
@@ -140,7 +141,7 @@ def eval_step(model, batch):
                 pos_nll=(nll * m).sum(0), pos_count=m.sum(0))
 
 
-def evaluate_batches(model, batches) -> dict[str, float]:
+def evaluate_batches(model, batches, bytes_per_token: float = 1.0) -> dict[str, float]:
     tot = dict(nll=0.0, count=0.0, correct=0.0)
     for b in batches:
         out = eval_step(model, {k: jnp.asarray(v) for k, v in b.items()})
@@ -148,7 +149,8 @@ def evaluate_batches(model, batches) -> dict[str, float]:
             tot[k] += float(out[k])
     n = max(tot["count"], 1.0)
     loss = tot["nll"] / n
-    return dict(loss=loss, bpb=bits_per_byte(loss), accuracy=tot["correct"] / n, tokens=int(tot["count"]))
+    return dict(loss=loss, bpb=bits_per_byte(loss, bytes_per_token), accuracy=tot["correct"] / n,
+                tokens=int(tot["count"]))
 
 
 # ---- the run -------------------------------------------------------------------------------------
@@ -201,6 +203,17 @@ class _Signals:
             signal.signal(s, h)
 
 
+def run_tokenizer_of(cfg: RunConfig, run_dir: Path, resume: bool):
+    """The run's tokenizer: None for bytes (and tasks); on resume the run directory's own copy,
+    else the file `cfg.tokenizer` names."""
+    if not cfg.tokenizer or cfg.task:
+        return None
+    from bstc.runtime.tokenizer import load_tokenizer, run_tokenizer
+
+    saved = run_tokenizer(run_dir) if resume else None
+    return saved if saved is not None and saved.kind != "bytes" else load_tokenizer(cfg.tokenizer)
+
+
 def write_run_files(run_dir: Path, cfg: RunConfig, spec: ModelSpec) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg.save(run_dir / "config.yaml")
@@ -240,8 +253,9 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
         raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
                          "or choose another -o")
 
+    tok = run_tokenizer_of(cfg, run_dir, resume)
     src = dict(data=cfg.data, task=cfg.task, seq_len=seq_len, vocab=spec.vocab, seed=cfg.seed,
-               task_args=cfg.task_args, text_field=cfg.text_field)
+               task_args=cfg.task_args, text_field=cfg.text_field, tokenizer=tok)
     train_src = D.make_source(split="train", **src)
     if cfg.length_mix:  # validation stays at seq_len: it measures the in-length result
         train_src = D.LengthMix([D.make_source(split="train", **{**src, "seq_len": seq_len * m})
@@ -278,10 +292,16 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
         if moved:
             say(f"moved checkpoints {moved} to {run_dir / 'checkpoints.set-aside'}; resuming at step {start}")
     write_run_files(run_dir, cfg, spec)  # only now: a refused resume leaves the run as it was
+    if tok is not None:
+        save_to_run(tok, run_dir)  # eval and sample decode through the run's own copy
+    bpt_train = getattr(train_src, "bytes_per_token", 1.0)
+    bpt_val = getattr(val_src, "bytes_per_token", 1.0)
 
-    bar = ProgressBar(cfg.steps, start, enabled=progress)
+    bar = ProgressBar(cfg.steps, start, enabled=progress, bytes_per_token=bpt_train)
     nparams = count_params(state.model)
     what = f"task {cfg.task}" if cfg.task else f"data {cfg.data or 'stdlib (embedded Python sources)'}"
+    if tok is not None:
+        what += f" · tokenizer {tok.describe()}"
     bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
               f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
               (f" (resuming at step {start})" if start else "") + (f" · {sh.describe()}" if sh else ""))
@@ -305,7 +325,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     def run_eval(step: int) -> None:
         if not val_batches:
             return
-        r = evaluate_batches(state.model, val_batches)
+        r = evaluate_batches(state.model, val_batches, bpt_val)
         rec = dict(step=step, split="validation", **r)
         writer.write(rec)
         result.val = r
@@ -341,7 +361,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
                 result.step = step
                 mfu = 3 * spec.flops_per_token * tps / peak if peak and tps else None
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    writer.write(dict(step=step, split="train", loss=loss, bpb=bits_per_byte(loss),
+                    writer.write(dict(step=step, split="train", loss=loss, bpb=bits_per_byte(loss, bpt_train),
                                       lr=float(stats["lr"]), grad_norm=float(stats["grad_norm"]),
                                       accuracy=float(stats["accuracy"]), tokens_per_s=round(tps, 1),
                                       **({"aux_loss": float(stats["aux_loss"])} if has_aux else {})))

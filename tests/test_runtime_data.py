@@ -176,6 +176,7 @@ def test_record_files_split_by_file_like_text(tmp_path):
 
 
 def test_parquet_and_arrayrecord_read_like_jsonl(tmp_path):
+    pytest.importorskip("pyarrow")  # the optional `parquet` extra (installed by the `test` extra)
     import pyarrow as pa
     import pyarrow.parquet as pq
     from array_record.python.array_record_module import ArrayRecordWriter
@@ -198,7 +199,8 @@ def test_parquet_and_arrayrecord_read_like_jsonl(tmp_path):
 
 
 @pytest.mark.parametrize("name, content, msg", [
-    ("bad.parquet", b"PAR1 this is not parquet", r"cannot read Parquet file '.*bad.parquet': "),
+    pytest.param("bad.parquet", b"PAR1 this is not parquet", r"cannot read Parquet file '.*bad.parquet': ",
+                 marks=pytest.mark.skipif(D.importlib.util.find_spec("pyarrow") is None, reason="no pyarrow")),
     ("bad.arrayrecord", b"garbage" * 10, r"cannot read ArrayRecord file '.*bad.arrayrecord': "),
     ("bad.jsonl", b'{"text": "ok"}\n{"text": \n', r"bad.jsonl:2: not a JSON object"),
     ("list.jsonl", b'["text"]\n', r"list.jsonl:1: not a JSON object: a list"),
