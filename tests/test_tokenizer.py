@@ -180,3 +180,39 @@ def test_bytes_stay_the_default():
     assert t.eos_id == 0 and t.n_ids == 256 and Tokenizer(512).eos_id == 256
     c = D.load_corpus(str(ROOT / "README.md"))
     assert all(c.bytes_per_token(s) == 1.0 for s in D.SPLITS)
+
+
+SMALL = ["--set", "d_model=32", "--set", "heads=2", "--set", "seq_len=64", "--set", "window=16",
+         "--set", "ssm_state=8"]
+
+
+@pytest.mark.slow
+def test_from_a_jsonl_folder_to_safetensors_with_the_commands_of_the_docs(tmp_path):
+    """docs/runtime.md's walk-through: tokenizer, training, bits per byte, text samples, weights."""
+    import jax.numpy as jnp
+
+    import bstc
+    from bstc.runtime.evaluator import load_model
+
+    data = corpus(tmp_path / "corpus", files=4, docs=30)
+    r = cli("tokenizer", "train", "--data", str(data), "--vocab", "320", "-o", str(tmp_path / "tok.json"))
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = cli("train", "bst_sh_s4", *SMALL, "--data", str(data), "--tokenizer", str(tmp_path / "tok.json"),
+            "--steps", "4", "--batch", "2", "--ckpt-every", "4", "--eval-every", "2", "-o", str(run), "-q")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((run / "run.json").read_text())["vocab"] == 320
+    r = cli("eval", str(run), "--lengths", "64", "--max-tokens", "256")
+    assert r.returncode == 0, r.stderr
+    ev = json.loads((run / "eval" / "eval-validation.json").read_text())["lengths"]["64"]
+    assert ev["bytes_per_token"] > 1.5 and ev["bpb"] == pytest.approx(ev["loss"] / math.log(2) / ev["bytes_per_token"],
+                                                                     rel=1e-5)
+    r = cli("sample", str(run), "--prompt", "the state", "--tokens", "8", "--temperature", "0")
+    assert r.returncode == 0 and r.stdout.startswith("the state"), r.stderr
+    r = cli("export", str(run), "-o", str(tmp_path / "model.safetensors"))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "model.tokenizer.json").read_bytes() == (tmp_path / "tok.json").read_bytes()
+    loaded = bstc.load(str(tmp_path / "model.bst"), weights=str(tmp_path / "model.safetensors"))
+    trained, *_ = load_model(run)
+    x = jnp.arange(64)[None] % 320
+    np.testing.assert_array_equal(np.asarray(loaded(x)), np.asarray(trained(x)))
