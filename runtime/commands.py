@@ -122,11 +122,10 @@ def train(
     process_id: Optional[int] = typer.Option(None, "--process-id", help="Multi-host: this process's index."),
 ):
     """Train a model; writes checkpoints, metrics.jsonl, TensorBoard logs and loss.png to the run directory."""
-    from bstc import shard
-
+    from bstc import placement
     # Multi-host (flags, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): join
     # the other processes with jax.distributed before any JAX work. A no-op otherwise.
-    shard.initialize_distributed(coordinator, num_processes, process_id)
+    placement.initialize_distributed(coordinator, num_processes, process_id)
     from bstc.runtime.config import RunConfig, parse_sets
     from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
 
@@ -297,8 +296,9 @@ tokenizer_app = typer.Typer(help="Tokenizers: train a BPE tokenizer on your corp
 @tokenizer_app.command("train")
 @_errors
 def tokenizer_train(
-    data: str = typer.Option(..., "--data", help="The corpus: files, directories, globs (comma-separated), as "
-                             "for `bstc train --data`; only its training split is read."),
+    data: Optional[str] = typer.Option(None, "--data", help="The corpus: files, directories, globs (comma-separated), "
+                                       "as for `bstc train --data` (default: the embedded corpus); only its training "
+                                       "split is read."),
     vocab: int = typer.Option(8192, "--vocab", help="Vocabulary size, the end-of-document token included."),
     output: Path = typer.Option(..., "-o", "--output", help="The tokenizer file to write (JSON), e.g. tok.json."),
     text_field: str = typer.Option("text", "--text-field", help="The text field of JSON Lines / Parquet / "
@@ -308,10 +308,48 @@ def tokenizer_train(
     from bstc.runtime.data import user_files
     from bstc.runtime.tokenizer import train_bpe
 
-    user_files(data)
+    if data:
+        user_files(data)
     tok = train_bpe(data, vocab, output, text_field=text_field, progress=sys.stderr.isatty())
     typer.echo(f"wrote {output}: {tok.n_ids:,} ids (byte-level BPE, EOS <|endoftext|> = {tok.eos_id}); "
-               f"train with: bstc train --data {data} --tokenizer {output}")
+               f"train with: bstc train{f' --data {data}' if data else ''} --tokenizer {output}")
+
+
+data_app = typer.Typer(help="Corpora: encode them into token shards ahead of training.", no_args_is_help=True)
+
+
+@data_app.command("prepare")
+@_errors
+def data_prepare(
+    data: Optional[str] = typer.Option(None, "--data", help="The corpus, as for `bstc train --data` "
+                                       "(default: the embedded corpus)."),
+    tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help="A tokenizer file (default: bytes)."),
+    text_field: str = typer.Option("text", "--text-field", help="The text field of record files."),
+    vocab: int = typer.Option(256, "--vocab", help="Bytes only: the model's vocab (above 256, documents are "
+                              "separated by token 256, else by NUL)."),
+    measure: bool = typer.Option(False, "--measure", help="Then time the training data loader on the shards."),
+    batch: int = typer.Option(8, "--batch", help="With --measure: sequences per batch."),
+    seq_len: int = typer.Option(512, "--seq-len", help="With --measure: tokens per sequence."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+):
+    """Encode a corpus into memory-mapped token shards in the data cache, so training runs read it directly."""
+    from bstc.runtime.shards import measure_loader, prepare
+    from bstc.runtime.tokenizer import Tokenizer, load_tokenizer
+
+    if data:
+        from bstc.runtime.data import user_files
+
+        user_files(data)
+    tok = load_tokenizer(tokenizer) if tokenizer else Tokenizer(vocab)
+    r = prepare(data, text_field, tok, progress=not quiet and sys.stderr.isatty())
+    toks = " / ".join(f"{r['tokens'][s]:,}" for s in ("train", "validation", "test"))
+    typer.echo(f"{'found' if r['cached'] else 'wrote'} {r['path']} in {r['seconds']:.1f} s: {r['files']} files, "
+               f"{toks} tokens (train / validation / test), {r['bytes_per_token']['train']:.3f} bytes/token, "
+               f"tokenizer {tok.describe()}")
+    if measure:
+        m = measure_loader(r["corpus"], batch=batch, seq_len=seq_len)
+        typer.echo(f"loader: {m['ms_per_batch']:.2f} ms per batch of {batch} x {seq_len} tokens "
+                   f"({m['tokens_per_s']:,.0f} tokens/s)")
 
 
 def _csv(text: Optional[str], what: str, cast=str) -> list | None:
@@ -368,3 +406,4 @@ def register(app: typer.Typer) -> None:
     app.command("plot")(plot)
     app.command("export")(export)
     app.add_typer(tokenizer_app, name="tokenizer")
+    app.add_typer(data_app, name="data")

@@ -217,12 +217,14 @@ def _read(path: Path) -> bytes:
         raise DataError(f"cannot read '{path}': {e.strerror or e}") from None
 
 
-def corpus_documents(data: str | None, text_field: str = "text") -> list[tuple[str, list[bytes]]]:
+def corpus_documents(data: str | None, text_field: str = "text",
+                     skipped: list[str] | None = None) -> list[tuple[str, list[bytes]]]:
     """(file name, its documents) for the embedded corpus or `--data`, binary text files skipped
-    (or refused when named directly)."""
+    (or refused when named directly); the names of those skipped are appended to `skipped`."""
     named = stdlib_files() if data in (None, DEFAULT_CORPUS) else user_files(data)
     user = data not in (None, DEFAULT_CORPUS)
-    files, skipped = [], []
+    files = []
+    skipped = skipped if skipped is not None else []
     # The same rule wherever a text file comes from: a file with a NUL byte in its first 8 KiB is
     # binary. Named directly it is refused; found in a directory or by a glob it is skipped.
     # Record files (JSON Lines, Parquet, ArrayRecord) are read by their format instead.
@@ -275,8 +277,9 @@ class Corpus(dict):
         return self.n_bytes[split] / max(len(self[split]), 1)
 
 
-def encode_files(files: list[tuple[str, list[bytes]]], tokenizer) -> list[tuple[str, np.ndarray, int]]:
-    """(name, token stream with EOS after each document, bytes it stands for) per file."""
+def encode_files(files: list[tuple[str, list[bytes]]], tokenizer, progress=None) -> list[tuple[str, np.ndarray, int]]:
+    """(name, token stream with EOS after each document, bytes it stands for) per file;
+    `progress(name, tokens)` is called after each file."""
     out = []
     for name, docs in files:
         ids = tokenizer.encode_docs(docs)
@@ -284,6 +287,8 @@ def encode_files(files: list[tuple[str, list[bytes]]], tokenizer) -> list[tuple[
         eos = np.array([tokenizer.eos_id], dt)
         parts = [x for t in ids for x in (t.astype(dt, copy=False), eos)]
         out.append((name, np.concatenate(parts) if parts else np.zeros(0, dt), sum(len(d) + 1 for d in docs)))
+        if progress is not None:
+            progress(name, len(out[-1][1]))
     return out
 
 
@@ -305,11 +310,12 @@ def load_corpus(data: str | None, vocab: int = 256, text_field: str = "text", to
     """Token streams per split. Files are split by name when there are enough of them for every
     split to get some; otherwise the joined stream is cut 90/5/5 by position. Each document (a
     text file, or a record of a record file) is followed by EOS. `tokenizer`: a
-    `bstc.runtime.tokenizer.Tokenizer` (default: bytes)."""
+    `bstc.runtime.tokenizer.Tokenizer` (default: bytes). The streams come from the shard cache
+    (`bstc.runtime.shards`) when the same files were encoded with the same tokenizer before."""
+    from bstc.runtime import shards
     from bstc.runtime.tokenizer import Tokenizer
 
-    tok = tokenizer or Tokenizer(vocab)
-    return split_streams(encode_files(corpus_documents(data, text_field), tok))
+    return shards.load(data, text_field, tokenizer or Tokenizer(vocab))[0]
 
 
 def training_documents(data: str | None, text_field: str = "text") -> list[bytes]:

@@ -183,7 +183,7 @@ def save_to_run(tok: Tokenizer, run_dir: Path) -> Path | None:
 # ---- training a BPE tokenizer on a corpus ---------------------------------------------------------
 
 
-def train_bpe(data: str, vocab: int, out: Path, text_field: str = "text", progress: bool = False) -> HFTokenizer:
+def train_bpe(data: str | None, vocab: int, out: Path, text_field: str = "text", progress: bool = False) -> HFTokenizer:
     """A byte-level BPE tokenizer (GPT-2's pre-tokenisation and byte alphabet, so every text
     encodes) with `<|endoftext|>` as id 0, trained on the **training split** of `data` (the same
     split `bstc train` uses), saved as a `tokenizers` JSON file."""

@@ -5,6 +5,8 @@ import os
 
 # Tests never need more than the CPU; keep XLA from grabbing every core's worth of threads twice over.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Token shards of the test corpora go to a temporary cache, not the user's ~/.cache/bstc/data.
+os.environ.setdefault("BSTC_DATA_CACHE", os.path.join(__import__("tempfile").gettempdir(), "bstc-test-data-cache"))
 
 import pytest  # noqa: E402
 
