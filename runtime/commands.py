@@ -122,10 +122,11 @@ def train(
     process_id: Optional[int] = typer.Option(None, "--process-id", help="Multi-host: this process's index."),
 ):
     """Train a model; writes checkpoints, metrics.jsonl, TensorBoard logs and loss.png to the run directory."""
-    from bstc import placement
+    from bstc import shard
+
     # Multi-host (flags, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): join
     # the other processes with jax.distributed before any JAX work. A no-op otherwise.
-    placement.initialize_distributed(coordinator, num_processes, process_id)
+    shard.initialize_distributed(coordinator, num_processes, process_id)
     from bstc.runtime.config import RunConfig, parse_sets
     from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
 
