@@ -20,8 +20,10 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
@@ -92,7 +94,8 @@ def write(key: str, corpus, info: dict, root: Path | None = None) -> Path | None
     if root is None:
         return None
     dest = Path(root) / key
-    tmp = Path(root) / f".{key}.tmp-{os.getpid()}"
+    # a name of its own per writer: processes of a multi-host run may share the cache directory
+    tmp = Path(root) / f".{key}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         tmp.mkdir(parents=True, exist_ok=True)
         dt = np.result_type(*[v.dtype for v in corpus.values()])
