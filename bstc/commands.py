@@ -60,10 +60,9 @@ def validate(
     for f in files:
         try:
             m = bstc.parse(f, overrides=overrides)
-            if m.mesh is not None:  # the mesh section's rules against every parameter (bstc.shard)
-                from bstc import shard
-
-                shard.plan(m)
+            if m.mesh is not None:  # the mesh section's rules against every parameter (bstc.shard_plan)
+                from bstc import shard_plan
+                shard_plan.plan(m)
         except BstcError as e:
             typer.echo(e.render(color=_color()), err=True)
             failed += 1
@@ -108,21 +107,20 @@ def explain(
         return
     rep = build_report(m, batch=batch)
     plan = None
-    if mesh is not None or m.mesh is not None:  # sharding plan (bstc.shard); checks the rules
-        from bstc import shard
-
-        plan = shard.plan(m, mesh, batch=batch)
+    if mesh is not None or m.mesh is not None:  # sharding plan (bstc.shard_plan); checks the rules
+        from bstc import shard_plan
+        plan = shard_plan.plan(m, mesh, batch=batch)
     if as_json:
         if plan is not None:
             d = rep.to_dict()
-            d["sharding"] = shard.plan_dict(plan, batch)
+            d["sharding"] = shard_plan.plan_dict(plan, batch)
             typer.echo(json.dumps(d, indent=2))
         else:
             typer.echo(rep.to_json())
         return
     print_report(rep)
     if plan is not None:
-        shard.print_plan(plan, batch)
+        shard_plan.print_plan(plan, batch)
 
 
 def print_report(rep) -> None:

@@ -70,7 +70,7 @@ class MeshSpec:
     axes: tuple[tuple[str, int], ...]  # (mesh axis, size) in order
     rules: tuple[tuple[str, tuple[str, ...]], ...]  # logical axis -> mesh axes
     span: Span | None = field(**_nocmp)
-    # Where each mesh axis / rule was written (for diagnostics found later, e.g. by bstc.shard).
+    # Where each mesh axis / rule was written (for diagnostics found later, e.g. by bstc.shard_plan).
     axis_spans: tuple = field(default=(), compare=False, repr=False)  # ((axis, Span), ...)
     rule_spans: tuple = field(default=(), compare=False, repr=False)  # ((logical, Span, target Span), ...)
 

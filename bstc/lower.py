@@ -12,7 +12,7 @@
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax
@@ -21,6 +21,7 @@ from jaxtyping import Array, Float, Int
 
 from bstc import ir
 from bstc.ops import REGISTRY
+from bstc.ops.base import ContextSpec
 from bstc.passes.report import norm_kind, op_args
 from bstc.shard import ACTIVATION, SOURCE, constrain  # identity unless a sharded step is being traced
 
@@ -40,6 +41,10 @@ class Sub(eqx.Module):
     keep_output: bool = eqx.field(static=True)  # another sublayer reads this one's output
     kind: str = eqx.field(static=True, default="")  # the registered layer kinds that built
     norm_kind: str | None = eqx.field(static=True, default=None)  # `op` and `norm`
+    # The op's arguments and context, as its kind built it: what the kind's `logical_axes`
+    # needs to name each parameter's axes (bstc.params.param_axes).
+    args: tuple = eqx.field(static=True, default=())
+    context: ContextSpec | None = eqx.field(static=True, default=None)
 
 
 def split_aux(out):
@@ -123,6 +128,7 @@ class Scanned(eqx.Module):
     unit: tuple[Block, ...]
     count: int = eqx.field(static=True)
     remat: str = eqx.field(static=True)
+    stacked: ClassVar[bool] = True  # every array has a leading layer axis
 
     def blocks(self, shared) -> tuple[Block, ...]:
         return self.unit
@@ -171,6 +177,8 @@ class Scanned(eqx.Module):
 
 class _OneBlock(eqx.Module):
     """A stage of one block occurrence: its own (Single) or a share group's (SharedRef)."""
+
+    stacked: ClassVar[bool] = False
 
     def block_of(self, shared) -> Block:
         raise NotImplementedError
@@ -309,7 +317,8 @@ def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
         nk = norm_kind(s.norm)
         norm = REGISTRY[nk].build(op_args(nk), dims, None, key=keys[2 * i + 1]) if nk else None
         subs.append(Sub(norm, module, s.name, s.placement, s.residual,
-                        s.context.source if s.context else None, s.name in consumed, s.kind, nk))
+                        s.context.source if s.context else None, s.name in consumed, s.kind, nk,
+                        args=s.args, context=ctx))
     return Block(tuple(subs))
 
 
@@ -416,27 +425,6 @@ def load(source, *, key, overrides=None, scan: bool = True, remat: str = "none")
     from bstc.frontend import parse
 
     return lower(parse(source, overrides=overrides), key=key, scan=scan, remat=remat)
-
-
-def param_roles(model: LoweredModel):
-    """A pytree like `model` whose trainable leaves are their `OptimRole`s, from each layer
-    kind's `optim` table (bstc.ops.base.ROLES); other leaves are None. Works on a model of
-    arrays or of jax.ShapeDtypeStructs (eqx.filter_eval_shape), scanned or unrolled alike."""
-    from bstc.ops.base import named_roles
-
-    def roles(kind, module):
-        return None if module is None else named_roles(module, REGISTRY[kind].optim, kind)
-
-    def sub(x):
-        if not isinstance(x, Sub):
-            return x
-        return eqx.tree_at(lambda s: (s.norm, s.op), x, (roles(x.norm_kind, x.norm), roles(x.kind, x.op)),
-                           is_leaf=lambda v: v is None)
-
-    out = eqx.tree_at(lambda m: (m.embed, m.head, m.final_norm), model,
-                      (roles("embedding", model.embed), roles("head", model.head),
-                       roles(model.final_norm_kind, model.final_norm)), is_leaf=lambda v: v is None)
-    return jax.tree.map(sub, out, is_leaf=lambda x: isinstance(x, Sub))
 
 
 def count_params(module) -> int:

@@ -86,7 +86,7 @@ class Checkpointer:
             raise CheckpointError(f"checkpoint {where} does not match this model: {diff}")
         arrays, static = eqx.partition(template, _array_like)
         leaves, treedef = jax.tree.flatten(arrays)
-        # Restore into the template's own placement: a template on a mesh (bstc.shard) shard by
+        # Restore into the template's own placement: a template on a mesh (bstc.placement) shard by
         # shard onto that mesh, a one-device template onto its device — whatever mesh saved it.
         abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(x, jax.Array)
                                          else None) for x in leaves]

@@ -112,6 +112,9 @@ def train(
     keep: Optional[int] = typer.Option(None, "--keep", help="Keep the last N checkpoints (default 3)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for init, shuffling and dropout (default 0)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    tracker: Optional[str] = typer.Option(
+        None, "--tracker", help="Also log to wandb (offline by default; the optional extra bstc[wandb]). "
+        "metrics.jsonl and TensorBoard are always written."),
     mesh: Optional[str] = typer.Option(
         None, "--mesh", help="Device mesh, e.g. data=2,tensor=4 (default: the model's mesh section, "
         "else data parallel over every device). See docs/scaling.md."),
@@ -122,11 +125,11 @@ def train(
     process_id: Optional[int] = typer.Option(None, "--process-id", help="Multi-host: this process's index."),
 ):
     """Train a model; writes checkpoints, metrics.jsonl, TensorBoard logs and loss.png to the run directory."""
-    from bstc import shard
+    from bstc import placement
 
     # Multi-host (flags, or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID): join
     # the other processes with jax.distributed before any JAX work. A no-op otherwise.
-    shard.initialize_distributed(coordinator, num_processes, process_id)
+    placement.initialize_distributed(coordinator, num_processes, process_id)
     from bstc.runtime.config import RunConfig, parse_sets
     from bstc.runtime.model import effective_overrides, resolve_model, spec_from_file
 
@@ -135,7 +138,8 @@ def train(
     flags = dict(model=model, data=data, text_field=text_field, tokenizer=tokenizer, task=task, steps=steps, batch=batch, accum=accum, lr=lr,
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
                  length_mix=_factors(length_mix),
-                 eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh)
+                 eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh,
+                 tracker=tracker)
     if step is not None and not resume:
         raise UsageError("--step picks the checkpoint to resume from: use it with --resume")
     if output is not None and not resume:  # an unusable -o is reported before any work

@@ -55,6 +55,7 @@ class RunConfig:
     data: str | None = None               # None: the embedded stdlib corpus; else file/dir/glob
     text_field: str = "text"              # the text of a JSON Lines / Parquet / ArrayRecord record
     tokenizer: str | None = None          # None: bytes; else a tokenizers JSON or SentencePiece model file
+    tracker: str | None = None            # also log to this tracker (wandb, offline by default)
     task: str | None = None               # a synthetic task instead of text: recall|copy|induction
     task_args: dict[str, Any] = field(default_factory=dict)  # e.g. {pairs: 4}
     seq_len: int | None = None            # None: the model's seq_len
@@ -76,7 +77,7 @@ class RunConfig:
     ckpt_every: int = 100                 # checkpoint every N steps (and always at the end)
     keep: int = 3                         # keep the last N checkpoints
     log_every: int = 1
-    mesh: str | None = None               # device mesh, e.g. "data=2,tensor=4" (bstc.shard; default:
+    mesh: str | None = None               # device mesh, e.g. "data=2,tensor=4" (bstc.placement; default:
                                           # the model's mesh section, else data parallel over all devices)
 
     def __post_init__(self):

@@ -27,7 +27,8 @@ def _trainable(a) -> bool:  # arrays, or their shapes from eqx.filter_eval_shape
 
 def param_roles(model) -> Any:
     """A pytree like the model's trainable parameters whose leaves are `OptimRole`s."""
-    from bstc.lower import LoweredModel, param_roles as compiled_roles
+    from bstc.lower import LoweredModel
+    from bstc.params import param_roles as compiled_roles
 
     if isinstance(model, LoweredModel):
         return compiled_roles(model)

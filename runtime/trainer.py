@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from bstc import shard
+from bstc import placement
 from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
@@ -32,7 +32,7 @@ from bstc.runtime.rundir import RunLock
 from bstc.runtime.tokenizer import save_to_run
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
 from bstc.lower import count_params
-from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, measure_matmul_peak
+from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, check_tracker, measure_matmul_peak
 from bstc.runtime.model import ModelSpec
 from bstc.runtime.optim import lr_multipliers, make_optimizer, make_schedule  # noqa: F401 - re-exported
 
@@ -253,6 +253,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
         raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
                          "or choose another -o")
 
+    check_tracker(cfg.tracker)  # an unknown tracker or a missing extra: one line, before any work
     tok = run_tokenizer_of(cfg, run_dir, resume)
     src = dict(data=cfg.data, task=cfg.task, seq_len=seq_len, vocab=spec.vocab, seed=cfg.seed,
                task_args=cfg.task_args, text_field=cfg.text_field, tokenizer=tok)
@@ -261,8 +262,8 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
         train_src = D.LengthMix([D.make_source(split="train", **{**src, "seq_len": seq_len * m})
                                  for m in cfg.length_mix], cfg.batch)
     val_src = D.make_source(split="validation", **src)
-    # Several devices or processes, a --mesh or a mesh section: place everything with bstc.shard.
-    sh = shard.for_run(spec.file, spec.overrides, cfg.mesh, cfg.micro_batch)
+    # Several devices or processes, a --mesh or a mesh section: place everything with bstc.placement.
+    sh = placement.for_run(spec.file, spec.overrides, cfg.mesh, cfg.micro_batch)
     data_shard = sh.data_shard(cfg.micro_batch) if sh is not None else (0, 1)
     data_iter = D.train_iterator(train_src, cfg.batch, cfg.seed, shard=data_shard)
     val_batches = list(D.eval_batches(val_src, cfg.micro_batch, cfg.eval_batches))
@@ -311,7 +312,12 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     if jax.process_index() > 0:
         log_dir = run_dir / f"process-{jax.process_index()}"
         log_dir.mkdir(parents=True, exist_ok=True)
-    writer = MetricsWriter(log_dir, start_step=start, tensorboard=tensorboard)
+    trackers = []
+    if cfg.tracker and jax.process_index() == 0:
+        from bstc.runtime.metrics import WandbTracker
+
+        trackers.append(WandbTracker(run_dir, cfg.to_dict()))
+    writer = MetricsWriter(log_dir, start_step=start, tensorboard=tensorboard, trackers=trackers)
     result = RunResult(run_dir=run_dir, step=start)
     tokens_per_step = cfg.batch * seq_len * (sum(cfg.length_mix) / len(cfg.length_mix) if cfg.length_mix else 1)
     tps, t_last = 0.0, None

@@ -16,8 +16,9 @@ import numpy as np
 import pytest
 
 import bstc
-from bstc import decode, shard
+from bstc import decode, params
 from bstc.lower import count_params
+from bstc.passes.report import block_end_window
 from bstc.passes.mesh import LOGICAL_AXES
 from conftest import kind_case_id, kind_cases, kind_model_text
 
@@ -49,7 +50,7 @@ def test_param_count_equals_explain(case):
 
 def test_logical_axes_name_every_dimension(case):
     text, m_ir, model = case
-    axes = shard.logical_axes(m_ir, model)
+    axes = params.param_axes(m_ir, model)
     arrays = jax.tree.leaves(eqx.filter(model, eqx.is_array))
     names = jax.tree.leaves(axes, is_leaf=lambda t: isinstance(t, tuple) and all(
         isinstance(x, (str, type(None))) for x in t))
@@ -61,7 +62,8 @@ def test_logical_axes_name_every_dimension(case):
 # Known gaps, to be closed by the SSM cost rules' rework: the FFT-convolution SSMs count an FFT
 # as 2.5·n·log2 n and a complex multiply-add as 8 real FLOPs, where XLA's cost analysis counts
 # an rfft as 8·n·log2 n, an irfft as 4·n·log2 n and a complex multiply as 1; at the small widths
-# of these cases the two disagree by up to 40%.
+# of these cases the two disagree by up to 40%. An s4d read only at block ends (an `mf`
+# context) runs no FFT and is checked.
 # `moe` counts the chosen experts only (the algorithm's work, what a grouped GEMM costs on an
 # accelerator), where XLA's CPU backend computes `ragged_dot` densely over every expert.
 FLOP_GAPS = {"s4d", "long_conv", "moe"}
@@ -69,13 +71,17 @@ FLOP_GAPS = {"s4d", "long_conv", "moe"}
 
 def test_flops_within_ten_percent_of_xla(case):
     text, m_ir, _ = case
-    kinds = {s.kind for inst in m_ir.layers for s in inst.sublayers}
+    kinds = {s.kind for inst in m_ir.layers for s in inst.sublayers
+             if not (s.kind == "s4d" and block_end_window(inst, s, m_ir.dims))}
     if kinds & FLOP_GAPS:
         pytest.xfail(f"known cost-rule gap for {', '.join(sorted(kinds & FLOP_GAPS))}")
     model = _unrolled_loops(bstc.load(text, key=jax.random.key(0), scan=False))
-    # One sequence: explain counts per-sequence work (an SSM kernel) once per sequence.
+    # One sequence: explain counts per-sequence work (an SSM kernel) once per sequence. The
+    # parameters are arguments, as in training: closed over, they are constants and XLA folds
+    # what depends on them alone (an SSM's kernel or powers) out of the count.
     tokens = jnp.zeros((1, L), jnp.int32)
-    cost = jax.jit(lambda t: model(t)).lower(tokens).compile().cost_analysis()
+    params, static = eqx.partition(model, eqx.is_array)
+    cost = jax.jit(lambda p, t: eqx.combine(p, static)(t)).lower(params, tokens).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     mine = bstc.explain(m_ir).flops_per_token * L
     assert mine == pytest.approx(cost["flops"], rel=0.10)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import bstc
-from bstc import decode, shard
+from bstc import decode, shard_plan
 from bstc.errors import BstcError
 from bstc.lower import count_params
 from bstc.ops import ContextSpec, Dims, get
@@ -297,7 +297,7 @@ def test_tensor_axis_larger_than_kv_heads_is_planned():
     """heads 4 over tensor=4 with one K/V head: the K/V projections are replicated over the
     tensor axis (their width kv_heads·dh is not split), q and the output map split by heads."""
     m = bstc.parse(GQA_MODEL)
-    p = shard.plan(m, "data=2,tensor=4", n_devices=8, batch=8)
+    p = shard_plan.plan(m, "data=2,tensor=4", n_devices=8, batch=8)
     rows = {r.name: r for r in p.rows}
     for name, r in rows.items():
         field = name.rsplit(".", 1)[-1]
@@ -311,7 +311,7 @@ def test_tensor_axis_larger_than_kv_heads_is_planned():
             assert r.logical[-2] == "heads" and "tensor" in str(r.spec), r
     # without grouping, K/V split by heads as before
     plain = bstc.parse(re.sub(r"(, )?kv_heads: \d", "", GQA_MODEL))
-    rows = {r.name: r for r in shard.plan(plain, "data=2,tensor=4", n_devices=8, batch=8).rows}
+    rows = {r.name: r for r in shard_plan.plan(plain, "data=2,tensor=4", n_devices=8, batch=8).rows}
     assert all("tensor" in str(r.spec) for n, r in rows.items() if n.rsplit(".", 1)[-1] in ("wk", "wv", "w_qkv", "w_kv"))
 
 

@@ -23,17 +23,16 @@ import json, os, sys
 pid, nproc, port, model_path, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5]
 import jax
 import numpy as np
-from bstc import shard
-
+from bstc import placement, shard_plan
 # jax.config.update("jax_cpu_collectives_implementation", "gloo") happens inside, before initialize
-assert shard.initialize_distributed(f"127.0.0.1:{port}", nproc, pid, cpu_collectives="gloo", timeout_s=60)
+assert placement.initialize_distributed(f"127.0.0.1:{port}", nproc, pid, cpu_collectives="gloo", timeout_s=60)
 import equinox as eqx, jax.numpy as jnp, optax
 import bstc
 
 m = bstc.parse(model_path)
 B, L, V = 8, m.dims.seq_len, m.dims.vocab
-p = shard.plan(m, "data=2,tensor=2", n_devices=jax.device_count(), batch=B)
-mesh = shard.make_mesh(p)
+p = shard_plan.plan(m, "data=2,tensor=2", n_devices=jax.device_count(), batch=B)
+mesh = placement.make_mesh(p)
 model = bstc.load(model_path, key=jax.random.key(0))  # same seed everywhere: same initial weights
 tx = optax.adamw(3e-3)
 
@@ -52,15 +51,15 @@ def batch_of(s):  # the global batch of step s (every process could make it; eac
     return {"inputs": tok[:, :-1], "targets": tok[:, 1:]}
 
 state0 = (model, tx.init(eqx.filter(model, eqx.is_array)))
-sh = shard.tree_shardings(state0, p, mesh)
-state = shard.shard_tree(state0, sh)
-bsh = shard.batch_sharding(p, mesh)
-start, stop = shard.local_rows(bsh, (B, L))
-f = shard.sharded_step(step, mesh, p, sh, {"inputs": bsh, "targets": bsh})
+sh = placement.tree_shardings(state0, p, mesh)
+state = placement.shard_tree(state0, sh)
+bsh = placement.batch_sharding(p, mesh)
+start, stop = placement.local_rows(bsh, (B, L))
+f = placement.sharded_step(step, mesh, p, sh, {"inputs": bsh, "targets": bsh})
 losses = []
 for s in range(3):
     local = {k: v[start:stop] for k, v in batch_of(s).items()}  # only this process's rows
-    state, st = f(state, shard.global_batch(local, bsh, B))
+    state, st = f(state, placement.global_batch(local, bsh, B))
     losses.append(float(st["loss"]))
 # every process ends with the same parameters: compare a checksum of its addressable shards' global sum
 total = float(jax.jit(lambda t: sum(jnp.sum(x) for x in jax.tree.leaves(t)),

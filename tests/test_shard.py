@@ -20,7 +20,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import bstc
-from bstc import shard
+from bstc import placement, shard, shard_plan
 from bstc.errors import BstcError
 from bstc.passes.mesh import DEFAULT_RULES, LOGICAL_AXES, resolve_mesh
 
@@ -141,7 +141,7 @@ def _diagnose(tmp_path, mesh_text, option, devices, batch) -> BstcError:
     path = write(tmp_path, mesh_text)
     with pytest.raises(BstcError) as ei:
         m = bstc.parse(str(path))
-        shard.plan(m, option, n_devices=devices, batch=batch)
+        shard_plan.plan(m, option, n_devices=devices, batch=batch)
     return ei.value
 
 
@@ -222,7 +222,7 @@ def test_option_overrides_the_file_mesh(tmp_path):
 
 def test_every_parameter_has_known_logical_axes():
     m = bstc.parse(tiny())
-    p = shard.plan(m, "data=2,fsdp=2,tensor=2", batch=8)
+    p = shard_plan.plan(m, "data=2,fsdp=2,tensor=2", batch=8)
     names = {r.name for r in p.rows}
     assert "embed.weight" in {n for n in names if n.startswith("embed")} or any(n.startswith("embed") for n in names)
     for r in p.rows:
@@ -237,10 +237,37 @@ def test_every_parameter_has_known_logical_axes():
     assert sum(r.bytes for r in p.rows) == bstc.explain(m).param_bytes
 
 
+def test_a_parameter_no_layer_kind_names_is_an_error_not_replicated():
+    """Axes come from the kind that built each module, never from key-path strings: a module
+    whose field its kind does not declare (a renamed field) and an array outside every kind's
+    module are both refused."""
+    import equinox as eqx
+    import jax.numpy as jnp
+
+    from bstc.lower import lower
+    from bstc.params import param_axes
+
+    m = bstc.parse(tiny())
+    model = jax.eval_shape(lambda: lower(m, key=jax.random.key(0)))
+    assert param_axes(m, model) is not None
+
+    class Renamed(eqx.Module):  # the untied head with its field renamed
+        w: jax.Array
+
+    renamed = eqx.tree_at(lambda t: t.head, model, Renamed(jax.ShapeDtypeStruct((64, 32), jnp.float32)))
+    with pytest.raises(TypeError, match="'w' has no logical axes"):
+        param_axes(m, renamed)
+
+    block = model.stages[-1].block
+    stray = eqx.tree_at(lambda t: t.stages[-1].block, model, (block, jax.ShapeDtypeStruct((3,), jnp.float32)))
+    with pytest.raises(TypeError, match="outside every layer kind"):
+        param_axes(m, stray)
+
+
 def test_per_device_memory_shrinks_with_fsdp():
     m = bstc.parse(tiny())
-    one = shard.plan(m, "data=1").memory(8)
-    fsdp = shard.plan(m, "fsdp=8").memory(8)
+    one = shard_plan.plan(m, "data=1").memory(8)
+    fsdp = shard_plan.plan(m, "fsdp=8").memory(8)
     assert fsdp["params"] < one["params"] / 3
     assert fsdp["activations"] == pytest.approx(one["activations"] / 8)
 
@@ -338,8 +365,7 @@ import json, re, sys
 import jax, jax.numpy as jnp, numpy as np, equinox as eqx, optax
 assert jax.device_count() == 8, jax.devices()
 import bstc
-from bstc import shard
-
+from bstc import placement, shard, shard_plan
 model_path, meshes, out = sys.argv[1], sys.argv[2], sys.argv[3]
 m = bstc.parse(model_path)
 B, L, V = 8, m.dims.seq_len, m.dims.vocab
@@ -376,13 +402,13 @@ st, ref_losses, ref_g = train(state0, eqx.filter_jit(step), batches)
 ref_params = flat(st[0])
 res = {"ref_losses": ref_losses, "meshes": {}}
 for mesh_txt in meshes.split(";"):
-    p = shard.plan(m, mesh_txt, n_devices=8, batch=B)
-    mesh = shard.make_mesh(p)
-    sh = shard.tree_shardings(state0, p, mesh)
-    state = shard.shard_tree(state0, sh)
-    bsh = shard.batch_sharding(p, mesh)
-    f = shard.sharded_step(step, mesh, p, sh, bsh, donate=False)
-    gbs = [shard.global_batch(b, bsh) for b in batches]
+    p = shard_plan.plan(m, mesh_txt, n_devices=8, batch=B)
+    mesh = placement.make_mesh(p)
+    sh = placement.tree_shardings(state0, p, mesh)
+    state = placement.shard_tree(state0, sh)
+    bsh = placement.batch_sharding(p, mesh)
+    f = placement.sharded_step(step, mesh, p, sh, bsh, donate=False)
+    gbs = [placement.global_batch(b, bsh) for b in batches]
     state, losses, g = train(state, f, gbs)
     leaves = jax.tree.leaves(eqx.filter(state[0], eqx.is_array))
     # the FFT convolution runs on local blocks (XLA alone would gather it: openxla/xla#24)
@@ -402,8 +428,7 @@ import json, sys
 import jax, jax.numpy as jnp, numpy as np, equinox as eqx, optax
 import orbax.checkpoint as ocp
 import bstc
-from bstc import shard
-
+from bstc import placement, shard, shard_plan
 model_path, ckdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
 m = bstc.parse(model_path)
 model = bstc.load(model_path, key=jax.random.key(0))
@@ -412,16 +437,16 @@ state0 = (model, tx.init(eqx.filter(model, eqx.is_array)))
 arrays0 = eqx.filter(state0, eqx.is_array)
 
 # save sharded over fsdp=8: each device writes its own shard
-pa = shard.plan(m, "fsdp=8", n_devices=8)
-ma = shard.make_mesh(pa)
-saved = shard.shard_tree(arrays0, shard.tree_shardings(arrays0, pa, ma))
-shard.save_checkpoint(ckdir, saved)
+pa = shard_plan.plan(m, "fsdp=8", n_devices=8)
+ma = placement.make_mesh(pa)
+saved = placement.shard_tree(arrays0, placement.tree_shardings(arrays0, pa, ma))
+placement.save_checkpoint(ckdir, saved)
 
 # restore straight onto data=2,tensor=4 (a different mesh, different specs)
-pb = shard.plan(m, "data=2,tensor=4", n_devices=8)
-mb = shard.make_mesh(pb)
-target = shard.tree_shardings(arrays0, pb, mb)
-restored = shard.restore_checkpoint(ckdir, arrays0, target)
+pb = shard_plan.plan(m, "data=2,tensor=4", n_devices=8)
+mb = placement.make_mesh(pb)
+target = placement.tree_shardings(arrays0, pb, mb)
+restored = placement.restore_checkpoint(ckdir, arrays0, target)
 errs, moved = [], 0
 for a, b, t in zip(jax.tree.leaves(arrays0), jax.tree.leaves(restored), jax.tree.leaves(target)):
     errs.append(float(np.abs(np.asarray(a) - np.asarray(b)).max()))

@@ -6,7 +6,7 @@ singleton with `@register`. The op holds, in one place:
 * its parameter schema (`params`): the checker validates a layer's arguments against it;
 * its shape rule (`out_shape`) and any extra semantic checks (`check`);
 * its cost rules (`param_count`, `flops_per_token`), used by `bstc explain`;
-* the logical axes of its parameters (`axes`), which `bstc.shard` maps onto a device mesh;
+* the logical axes of its parameters (`axes`), which `bstc.shard_plan` maps onto a device mesh;
 * its lowering (`build`): an `eqx.Module` whose `__call__(x, *, context=None, key=None)` maps
   a batched activation `x: (B, L, D)` to the sublayer output.
 
@@ -166,7 +166,7 @@ class Op:
 
     # ---- sharding -------------------------------------------------------------------
     def logical_axes(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, module):
-        """Logical axis names of the built module's parameters, for `bstc.shard`.
+        """Logical axis names of the built module's parameters, for `bstc.shard_plan` (through `bstc.params.param_axes`).
 
         Returns a pytree shaped like `module` whose array leaves are tuples with one entry per
         array dimension: a logical axis name (batch, seq, embed, mlp, heads, kv, ssm_state,

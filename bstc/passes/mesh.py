@@ -6,10 +6,10 @@ Two stages:
   one rule per logical axis, no mesh axis used twice in a rule. Without a `mesh` section the
   known mesh axes are the default ones (data, fsdp, tensor), whose sizes come at run time
   (`--mesh`, or every device on `data`).
-* `resolve_mesh` (used by `bstc.shard`, `bstc explain --mesh`, `bstc train --mesh`): the final
+* `resolve_mesh` (used by `bstc.shard_plan`, `bstc explain --mesh`, `bstc train --mesh`): the final
   mesh axes and sizes (file, then `--mesh`), the effective rules (defaults, then the file's),
   and the device-count check. Divisibility of every parameter dimension is checked by
-  `bstc.shard.plan`, which knows the parameters; its diagnostics point at the same rules.
+  `bstc.shard_plan.plan`, which knows the parameters; its diagnostics point at the same rules.
 """
 from __future__ import annotations
 
