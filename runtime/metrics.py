@@ -35,12 +35,60 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+TRACKERS = ("wandb",)  # besides metrics.jsonl (always) and TensorBoard (tb/)
+
+
+def check_tracker(name: str | None) -> None:
+    """A one-line error, before the run starts, for an unknown tracker or a missing extra."""
+    from bstc.runtime.errors import UsageError
+
+    if name is None:
+        return
+    if name not in TRACKERS:
+        raise UsageError(f"unknown tracker '{name}' (choose from {', '.join(TRACKERS)}; metrics.jsonl and "
+                         "TensorBoard are always written)")
+    import importlib.util
+
+    if importlib.util.find_spec("wandb") is None:
+        raise UsageError("the wandb tracker needs the optional dependency wandb: pip install 'bstc[wandb]'")
+
+
+class WandbTracker:
+    """Weights & Biases, **offline by default** (WANDB_MODE=online to upload; the run is kept in
+    RUN_DIR/wandb/ for `wandb sync`). The run id is derived from the run directory, so a resumed
+    run continues the same W&B run."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any] | None = None):
+        import hashlib
+        import os
+
+        import wandb
+
+        run_dir = Path(run_dir).resolve()
+        run_id = "bstc-" + hashlib.sha1(str(run_dir).encode()).hexdigest()[:12]
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "bstc"), name=run_dir.name, id=run_id,
+                              dir=str(run_dir), config=config or {}, resume="allow",
+                              mode=os.environ.get("WANDB_MODE", "offline"),
+                              settings=wandb.Settings(console="off", silent=True))
+
+    def log(self, record: dict[str, Any]) -> None:
+        split = record.get("split", "train")
+        scalars = {f"{split}/{k}": v for k, v in record.items()
+                   if k not in ("step", "time", "split") and isinstance(v, (int, float)) and math.isfinite(v)}
+        self.run.log(scalars, step=int(record["step"]))
+
+    def close(self) -> None:
+        self.run.finish()
+
+
 class MetricsWriter:
     """Appends to metrics.jsonl (and TensorBoard's tb/); on resume drops the records past the
     restored step, so the file (and the plot) read as one uninterrupted run. If metrics.jsonl or
     tb/ disappears mid-run, both are rewritten from the records kept in memory, with a warning."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True, warn=None):
+    def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True, warn=None,
+                 trackers: list | None = None):
+        self.trackers = list(trackers or [])  # e.g. WandbTracker: .log(record), .close()
         self.path = Path(run_dir) / "metrics.jsonl"
         self.tb_dir = Path(run_dir) / "tb"
         self._records: list[dict[str, Any]] = []
@@ -84,8 +132,12 @@ class MetricsWriter:
                 for r in self._records[:-1]:
                     self._tb_add(r)
             self._tb_add(record)
+        for t in self.trackers:
+            t.log(record)
 
     def close(self) -> None:
+        for t in self.trackers:
+            t.close()
         self._f.close()
         if self._tb is not None:
             self._tb.close()
