@@ -22,7 +22,7 @@ from jaxtyping import Array, Float, Int
 from bstc import ir
 from bstc.ops import REGISTRY
 from bstc.ops.base import ContextSpec
-from bstc.passes.report import norm_kind, op_args
+from bstc.passes.report import block_end_window, norm_kind, op_args
 from bstc.shard import ACTIVATION, SOURCE, constrain  # identity unless a sharded step is being traced
 
 REMAT_POLICIES = ("none", "full", "dots")
@@ -41,6 +41,9 @@ class Sub(eqx.Module):
     keep_output: bool = eqx.field(static=True)  # another sublayer reads this one's output
     kind: str = eqx.field(static=True, default="")  # the registered layer kinds that built
     norm_kind: str | None = eqx.field(static=True, default=None)  # `op` and `norm`
+    # W: the op's readers take only its outputs at positions W−1, 2W−1, … (an 'mf' context), so
+    # it computes just those with `op.block_ends` (report.block_end_window); 0: every position.
+    block_ends: int = eqx.field(static=True, default=0)
     # The op's arguments and context, as its kind built it: what the kind's `logical_axes`
     # needs to name each parameter's axes (bstc.params.param_axes).
     args: tuple = eqx.field(static=True, default=())
@@ -83,7 +86,10 @@ class Block(eqx.Module):
         keys = jax.random.split(key, len(self.subs)) if key is not None else [None] * len(self.subs)
 
         def apply_op(i, sub, h, ctx):
-            y, a = split_aux(sub.op(h, context=ctx, key=keys[i]))
+            if sub.block_ends:
+                y, a = sub.op.block_ends(h, sub.block_ends, key=keys[i]), None
+            else:
+                y, a = split_aux(sub.op(h, context=ctx, key=keys[i]))
             if sub.keep_output:  # a context source (SSM): its FFT convolution splits over channels
                 y = constrain(y, SOURCE.get(y.ndim, ()))
             return y, a
@@ -318,7 +324,7 @@ def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
         norm = REGISTRY[nk].build(op_args(nk), dims, None, key=keys[2 * i + 1]) if nk else None
         subs.append(Sub(norm, module, s.name, s.placement, s.residual,
                         s.context.source if s.context else None, s.name in consumed, s.kind, nk,
-                        args=s.args, context=ctx))
+                        block_end_window(inst, s, dims), args=s.args, context=ctx))
     return Block(tuple(subs))
 
 

@@ -164,6 +164,19 @@ class Op:
         itemsize = 2 if dims.dtype == "bfloat16" else 4
         return 4 * dims.d_model * itemsize
 
+    # ---- context sources read only at block ends ------------------------------------
+    def context_stride(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None) -> int:
+        """For an op fed by a context edge: W if it reads the source's outputs only at positions
+        W−1, 2W−1, … (the last position of each block), 1 if it reads every position."""
+        return 1
+
+    def block_ends_flops_per_token(self, args: Mapping[str, Any], dims: Dims, window: int) -> float | None:
+        """For a context source: the forward FLOPs per token of computing only its outputs at
+        positions W−1, 2W−1, … with its module's `block_ends(x, window, *, key=None)`, which the
+        lowering calls when every reader has `context_stride` W. None (the default): the kind
+        has no such method and computes every position."""
+        return None
+
     # ---- sharding -------------------------------------------------------------------
     def logical_axes(self, args: Mapping[str, Any], dims: Dims, context: ContextSpec | None, module):
         """Logical axis names of the built module's parameters, for `bstc.shard_plan` (through `bstc.params.param_axes`).

@@ -92,7 +92,10 @@ class BlockAttentionLayer(eqx.Module):
             prev = y.reshape(B, nb, W, self.heads, -1)[:, :-1]
             return jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), prev.astype(dtype)], axis=1)
         if self.variant == "mf":
-            last = y[:, W - 1::W][:, :-1]  # (B, nb−1, S, D): last output before blocks 1..nb−1
+            # The source's outputs at every position, or (when the lowering had it compute only
+            # those, `Sub.block_ends`) at the block ends alone: (B, nb, S, D) either way here.
+            ends = y if y.shape[1] == nb else y[:, W - 1::W]
+            last = ends[:, :-1]  # (B, nb−1, S, D): last output before blocks 1..nb−1
             ctx = jnp.concatenate([jnp.broadcast_to(first, (B, 1) + first.shape), last.astype(dtype)], axis=1)
             return ctx + self.ctx_ids.astype(dtype)[None, None]
         raise ValueError(self.variant)
@@ -277,6 +280,10 @@ class BlockAttention(Op):
                                    "context_block", "use `-> sh` or `-> mh` for an own-window context, or drop "
                                    "`context_block` (mf reads the state entering the block)"))
         return out
+
+    def context_stride(self, args, dims, context):
+        # mf reads one output per block, the last before it; sh and mh read every position.
+        return args["window"] if context is not None and context.variant == "mf" else 1
 
     def param_count(self, args, dims, context):
         D = dims.d_model

@@ -45,6 +45,25 @@ class S4DLayer(eqx.Module):
             y = y - _ssm.running_mean(x)[:, :, None, :] * jnp.moveaxis(jnp.cumsum(k, axis=-1), -1, 0)[None]
         return _ssm.ssm_output(y, x, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
 
+    def block_ends(self, x: Float[Array, "B L H"], window: int, *, key=None):
+        """Rows W−1, 2W−1, …, L−1 of `self(x)`: (B, L/W, H), or (B, L/W, F, H) with F filters.
+
+        What an `mf` context reads (the last output before each block). The F filters share A
+        and dt and differ only in C, so one state per block end (`_ssm.block_end_states`) serves
+        them all, each read out with its own C: no full-length convolution is computed."""
+        B, L, H = x.shape
+        nb = L // window
+        dtA, Cp, _ = _ssm.discretize(self.log_dt, self.log_A_re, self.A_im, self.C)
+        Xr = _ssm.block_end_states(x, dtA, window)  # (B, nb, H, 2·N2): (re, im)
+        Cr = jnp.concatenate([Cp.real, -Cp.imag], axis=-1)  # 2·Re(C'·X) = 2·(C'.re·X.re − C'.im·X.im)
+        y = 2.0 * jnp.einsum("bkhn,fhn->bkfh", Xr, Cr)  # (B, nb, F, H) float32
+        if self.centre:  # as in __call__: minus u's running mean × Σ_{l≤e} K[l], at the block ends
+            sums = jnp.cumsum(x.astype(jnp.float32).reshape(B, nb, window, H).sum(2), axis=1)
+            mean = sums / (window * jnp.arange(1, nb + 1, dtype=jnp.float32))[None, :, None]
+            y = y - mean[:, :, None, :] * _ssm.block_end_kernel_sums(dtA, Cp, window, nb)[None]
+        u = x[:, window - 1::window]
+        return _ssm.ssm_output(y, u, self.D, self.w_out, self.b_out, x.dtype, dropout=self.dropout, key=key)
+
     # ---- recurrent form, for decoding ---------------------------------------------------------
     def recurrence(self) -> _ssm.S4DRecurrence:
         """The convolution + skip as a recurrence (dA, dB, C, D), batched over sequences."""
@@ -123,6 +142,22 @@ class S4D(Op):
         kernel = 8.0 * F * H * n2 + 12.0 * H * n2 * (F + 1) / max(1, int(L ** 0.5))
         centre = (3.0 * F * H + 2.0 * H) if args["centre"] else 0.0  # running sums, u's mean × ΣK
         return kernel + centre + _ssm.ssm_common_flops(F, H, L)
+
+    def block_ends_flops_per_token(self, args, dims, window):
+        """`S4DLayer.block_ends`, per sequence and spread over its L tokens: the within-block
+        contraction at every token; per block end the scan step, the F readouts, the centring
+        and the output (skip, gelu, projection); once per call the (H, W, N2) powers and the
+        discretisation. XLA's cost analysis counts one step of the scan over blocks (a loop),
+        this rule all nb of them: 8·H·N2 per block, a few % of the layer at W = 8, nothing at W = 256."""
+        H, n2, F, L, W = dims.d_model, args["state"] // 2, args["filters"], dims.seq_len, window
+        nb = L // W
+        per_call = 16.0 * H * W * n2 + (47.0 + 4.0 * F) * H * n2  # exp(lag·dtA); zoh, C·dB and dA^W
+        within = 4.0 * L * H * n2
+        per_end = 8.0 * H * n2 + F * H * (4 * n2 + 1) + F * H * (2 * H + 1 + 10)  # scan; readout; output
+        if args["centre"]:  # block sums of u, the running mean, Σ_{l≤e} K[l] in closed form, y − m·ΣK
+            within += L * H
+            per_end += 2.0 * F * H + 3.0 * H + (4.0 + 2.0 * F) * H * n2
+        return (per_call + within + nb * per_end) / L
 
     def activation_bytes_per_token(self, args, dims, context):
         return 4 * dims.d_model * args["filters"] * 4 + 2 * dims.d_model * 4  # f32 FFT buffers

@@ -23,6 +23,20 @@ def norm_kind(norm: str) -> str | None:
     return {"rms": "rms_norm", "layer": "layer_norm"}.get(norm)
 
 
+def block_end_window(inst: ir.BlockInstance, s: ir.Sublayer, dims) -> int:
+    """W if sublayer `s` of block `inst` need only compute its outputs at the ends of blocks of
+    W tokens: it is a context source read by nothing else (not the residual stream), every
+    reader reads with stride W (`Op.context_stride`: the 'mf' context) and its kind can compute
+    just those outputs (`Op.block_ends_flops_per_token`). 0 otherwise: every position."""
+    readers = [r for r in inst.sublayers if r.context is not None and r.context.source == s.name]
+    if s.residual or not readers:
+        return 0
+    strides = {REGISTRY[r.kind].context_stride(r.kwargs, dims, r.context.spec) for r in readers}
+    if len(strides) != 1 or (W := strides.pop()) <= 1:
+        return 0
+    return W if REGISTRY[s.kind].block_ends_flops_per_token(s.kwargs, dims, W) is not None else 0
+
+
 @dataclass
 class Row:
     index: int
@@ -117,7 +131,8 @@ def build_report(m: ir.Model, batch: int = 8) -> Report:
             args = s.kwargs
             ctx = s.context.spec if s.context else None
             params = op.param_count(args, d, ctx)
-            flops = op.flops_per_token(args, d, ctx)
+            ends = block_end_window(inst, s, d)
+            flops = op.block_ends_flops_per_token(args, d, ends) if ends else op.flops_per_token(args, d, ctx)
             nk = norm_kind(s.norm)
             flops_norm = 0.0
             if nk:
@@ -129,6 +144,8 @@ def build_report(m: ir.Model, batch: int = 8) -> Report:
                 params, note = 0, f"shared ({inst.share})"
             if s.context:
                 note = (note + " " if note else "") + f"context {s.context.source}->{s.context.variant}"
+            if ends:
+                note = (note + " " if note else "") + f"block ends (every {ends})"
             add(f"{inst.name}.{s.name}", s.kind, s.out_shape, params, flops, op.role, note, flops_norm)
             act += op.activation_bytes_per_token(args, d, ctx)
     if m.final_norm:
