@@ -78,7 +78,10 @@ class WandbTracker:
         self.run.log(scalars, step=int(record["step"]))
 
     def close(self) -> None:
+        import wandb
+
         self.run.finish()
+        wandb.teardown()  # finish() returns before the offline file is complete; teardown waits for it
 
 
 class MetricsWriter:
