@@ -5,8 +5,9 @@
   lengths. The candidates are interleaved within every repeat (so a slow patch of the machine
   hits them all alike), the median is reported, and every time is also given as a ratio to
   BST-SH, the paper's reference layer.
-* `bstc bench model FILE` times a whole model's training step (AdamW): tokens/s, step time,
-  compile time, and MFU against a matmul peak measured on the same machine in the same run.
+* `bstc bench model A [B …]` times whole models' training steps (AdamW), interleaved in one
+  process like the layers: tokens/s, step time and its ratio to the first model, compile time,
+  and MFU against a matmul peak measured on the same machine in the same run.
 
 A "layer" is what a model file stacks: pre-norm sublayers with residuals, MLP included, e.g.
 BST-SH = s4d (context source) + block_attention (context: ssm -> sh) + mlp; the Block-Recurrent
@@ -274,11 +275,11 @@ def plot_layers(results: list[Result], path: Path, title: str) -> None:
 # ---- a whole model's training step -------------------------------------------------------------------
 
 
-def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool = True, lr: float = 1e-3) -> dict:
+def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: float) -> dict:
+    """A model's compiled AdamW training step with its state, after one warm-up step."""
     import optax
 
     import bstc
-
     from bstc.lower import lower
 
     t0 = time.perf_counter()
@@ -306,25 +307,64 @@ def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool =
     compile_s = time.perf_counter() - t0
     params, opt_state, loss = compiled(params, opt_state, tokens)  # warm-up
     jax.block_until_ready(loss)
-    times, losses = [], [float(loss)]
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        params, opt_state, loss = compiled(params, opt_state, tokens)
-        jax.block_until_ready(loss)
-        times.append(time.perf_counter() - t0)
-        losses.append(float(loss))
+    return {"rep": rep, "source": str(source), "overrides": overrides, "seq_len": L, "compile_s": compile_s,
+            "load_s": load_s, "step": compiled, "state": [params, opt_state, tokens], "times": [],
+            "losses": [float(loss)]}
+
+
+def _time_step(prep: dict) -> None:
+    params, opt_state, tokens = prep["state"]
+    t0 = time.perf_counter()
+    params, opt_state, loss = prep["step"](params, opt_state, tokens)
+    jax.block_until_ready(loss)
+    prep["times"].append(time.perf_counter() - t0)
+    prep["losses"].append(float(loss))
+    prep["state"] = [params, opt_state, tokens]
+
+
+def run_models(sources: list[str], overrides: list[dict], batch: int, steps: int, scan: bool = True,
+               lr: float = 1e-3) -> list[dict]:
+    """Several models' training steps in one process: each is compiled and warmed up, then the
+    timed steps are interleaved (a rotating order every round), so a slow patch of the machine
+    hits them all alike; ratios are to the first model."""
     from bstc.runtime.metrics import measure_matmul_peak
 
+    preps = [_prepare_model(src, ov, batch, scan, lr) for src, ov in zip(sources, overrides)]
+    for r in range(steps):
+        k = r % len(preps)
+        for prep in preps[k:] + preps[:k]:
+            _time_step(prep)
     peak = measure_matmul_peak()
-    step_s = statistics.median(times)
-    tps = batch * L / step_s
-    achieved = rep.train_flops_per_token * tps
-    return {"model": rep.model, "source": str(source), "overrides": overrides, "batch": batch, "seq_len": L,
-            "params": rep.params, "steps": steps, "step_times_s": times, "step_s": step_s, "tokens_per_s": tps,
-            "compile_s": compile_s, "load_s": load_s, "losses": losses,
-            "flops_per_token": rep.flops_per_token, "train_flops_per_token": rep.train_flops_per_token,
-            "achieved_flops": achieved, "matmul_peak_flops": peak, "mfu": achieved / peak,
-            "machine": machine_info()}
+    out = []
+    for prep in preps:
+        rep, times = prep["rep"], prep["times"]
+        step_s = statistics.median(times)
+        tps = batch * prep["seq_len"] / step_s
+        achieved = rep.train_flops_per_token * tps
+        out.append({"model": rep.model, "source": prep["source"], "overrides": prep["overrides"], "batch": batch,
+                    "seq_len": prep["seq_len"], "params": rep.params, "steps": steps, "step_times_s": times,
+                    "step_s": step_s, "tokens_per_s": tps, "compile_s": prep["compile_s"], "load_s": prep["load_s"],
+                    "losses": prep["losses"], "flops_per_token": rep.flops_per_token,
+                    "train_flops_per_token": rep.train_flops_per_token, "achieved_flops": achieved,
+                    "matmul_peak_flops": peak, "mfu": achieved / peak, "machine": machine_info()})
+    ref = out[0]["step_s"]
+    for o in out:
+        o["ratio_vs_first"] = o["step_s"] / ref
+    return out
+
+
+def run_model(source: str, overrides: dict, batch: int, steps: int, scan: bool = True, lr: float = 1e-3) -> dict:
+    return run_models([source], [overrides], batch, steps, scan=scan, lr=lr)[0]
+
+
+def overrides_per_model(paths: list[Path], sets: dict) -> list[dict]:
+    """Each model gets the --set names its file defines (`groups` means nothing to a file without
+    it); a name no file defines goes to every model, so the checker names it ('did you mean')."""
+    from bstc.frontend import parse_ast
+
+    defined = [{a.name for a in parse_ast(str(p))[0].assigns} for p in paths]
+    unknown = {k for k in sets if not any(k in d for d in defined)}
+    return [{k: v for k, v in sets.items() if k in d or k in unknown} for d in defined]
 
 
 # ---- the commands ------------------------------------------------------------------------------------
@@ -441,48 +481,54 @@ def layers_cmd(
 
 @bench_app.command("model")
 def model_cmd(
-    model: str = typer.Argument(..., help="A model file, or the name of a zoo model."),
+    models: List[str] = typer.Argument(..., help="Model files or zoo model names; several are timed "
+                                       "interleaved in one process, with ratios to the first."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help="Override a top-level model parameter, "
-                                             "e.g. --set d_model=256 (repeatable)."),
+                                             "e.g. --set d_model=256 (repeatable; applied to the models that "
+                                             "define it)."),
     batch: int = typer.Option(8, "--batch", "-b", min=1, help="Batch size."),
-    steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps (after one warm-up step)."),
+    steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per model (after one warm-up step)."),
     scan: bool = typer.Option(True, "--scan/--no-scan", help="Stack repeated blocks and run them with lax.scan."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
 ):
-    """Time a whole model's training step (AdamW): tokens/s, step and compile time, MFU."""
+    """Time whole models' training steps (AdamW), interleaved: step time, tokens/s, compile time, MFU."""
     from rich.console import Console
     from rich.table import Table
 
     from bstc import zoo
     from bstc.commands import cli_errors, parse_sets
 
-    path = zoo.resolve(model)
-    if path is None:
-        _fail(f"no model file or zoo model named {model!r}")
+    paths = []
+    for name in models:
+        path = zoo.resolve(name)
+        if path is None:
+            _fail(f"no model file or zoo model named {name!r}")
+        paths.append(path)
 
     @cli_errors
     def go():
-        return run_model(str(path), parse_sets(set_), batch, steps, scan=scan)
+        ovs = overrides_per_model(paths, parse_sets(set_))
+        return run_models([str(p) for p in paths], ovs, batch, steps, scan=scan)
 
-    out = go()
-    t = Table(title=f"{out['model']} training step — batch {batch} × {out['seq_len']} tokens, "
-                    f"{out['machine']['backend']} ({out['machine']['cpu_count']} cores)")
-    t.add_column("figure")
-    t.add_column("value", justify="right")
-    t.add_row("parameters", f"{out['params'] / 1e6:.2f} M")
-    t.add_row("step time (median)", f"{1e3 * out['step_s']:.1f} ms")
-    t.add_row("tokens/s", f"{out['tokens_per_s']:,.0f}")
-    t.add_row("compile time", f"{out['compile_s']:.1f} s")
-    t.add_row("train FLOPs/token (3 × forward, explain)", f"{out['train_flops_per_token'] / 1e6:.2f} M")
-    t.add_row("achieved", f"{out['achieved_flops'] / 1e9:.2f} GFLOP/s")
-    t.add_row("matmul peak (measured, f32 2048²)", f"{out['matmul_peak_flops'] / 1e9:.2f} GFLOP/s")
-    t.add_row("MFU", f"{100 * out['mfu']:.1f} %")
-    t.add_row("loss (first → last)", f"{out['losses'][0]:.3f} → {out['losses'][-1]:.3f}")
+    outs = go()
+    first, mach = outs[0], outs[0]["machine"]
     console = Console()
+    t = Table(title=f"training step, batch {batch} × {first['seq_len']} tokens, median of {steps} interleaved "
+                    f"steps — {mach['backend']} ({mach['cpu_count']} cores)")
+    for c in ("model", "params", "train FLOPs/token", "step (ms)", f"× {first['model']}", "tokens/s", "compile (s)",
+              "MFU", "loss (first → last)"):
+        t.add_column(c, justify="left" if c == "model" else "right")
+    for o in outs:
+        t.add_row(o["model"], f"{o['params'] / 1e6:.2f} M", f"{o['train_flops_per_token'] / 1e6:.2f} M",
+                  f"{1e3 * o['step_s']:.1f}", f"{o['ratio_vs_first']:.2f}", f"{o['tokens_per_s']:,.0f}",
+                  f"{o['compile_s']:.1f}", f"{100 * o['mfu']:.1f} %", f"{o['losses'][0]:.3f} → {o['losses'][-1]:.3f}")
     console.print(t)
+    console.print(f"matmul peak (measured, f32 2048²): {first['matmul_peak_flops'] / 1e9:.2f} GFLOP/s; "
+                  "MFU = 3 × forward FLOPs/token (explain) × tokens/s ÷ that peak")
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(out, indent=2, default=str))
+        data = outs[0] if len(outs) == 1 else {"command": "bench model", "models": outs}
+        json_out.write_text(json.dumps(data, indent=2, default=str))
         console.print(f"wrote {json_out}")
 
 

@@ -1,7 +1,7 @@
 """`bstc bench` and the cost model behind MFU.
 
 * `bstc bench layers` runs at tiny widths and writes well-formed JSON and a PNG;
-* `bstc bench model` measures a tiny zoo model's training step;
+* `bstc bench model` measures a tiny zoo model's training step, and several interleaved;
 * `bstc explain`'s FLOP count agrees with XLA's cost analysis of the compiled forward pass
   within 10% for every zoo model (the numerator of MFU must be right).
 """
@@ -98,6 +98,41 @@ def test_bench_model_reports_mfu(tmp_path):
     assert d["train_flops_per_token"] == pytest.approx(3 * d["flops_per_token"])
     r = CliRunner().invoke(app, ["bench", "model", "no_such_model"])
     assert r.exit_code == 2
+
+
+ONE_LAYER = """model {name} {{
+  vocab = 64; d_model = 16; heads = 2; window = 8; seq_len = 32
+  block b {{ {body} }}
+  layers {{ embed; b; head tied }}
+}}
+"""
+
+
+def test_bench_model_interleaves_several_models_with_ratios(tmp_path):
+    from bstc.bench import overrides_per_model
+
+    zoo_paths = [zoo.resolve("bst_sh_s4"), zoo.resolve("slide")]
+    ovs = overrides_per_model(zoo_paths, {"groups": 1, "depth": 2, "d_model": 32})
+    assert ovs == [{"groups": 1, "d_model": 32}, {"depth": 2, "d_model": 32}]
+    assert overrides_per_model(zoo_paths, {"d_modle": 32}) == [{"d_modle": 32}] * 2  # the checker will name it
+
+    paths = []
+    for name, body in (("bst", "ssm = s4d(state: 4)\n attn = block_attention(window: window, context: ssm -> sh)"),
+                       ("local", "attn = sliding_attention(window: window)")):
+        paths.append(tmp_path / f"{name}.bst")
+        paths[-1].write_text(ONE_LAYER.format(name=name, body=body))
+    out = tmp_path / "ms.json"
+    r = CliRunner().invoke(app, ["bench", "model", *map(str, paths), "--set", "seq_len=64", "--batch", "1",
+                                 "--steps", "2", "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    d = json.loads(out.read_text())
+    bst, local = d["models"]
+    assert (bst["model"], local["model"]) == ("bst", "local") and bst["ratio_vs_first"] == 1.0
+    assert local["ratio_vs_first"] == pytest.approx(local["step_s"] / bst["step_s"])
+    assert len(bst["step_times_s"]) == len(local["step_times_s"]) == 2 and bst["seq_len"] == local["seq_len"] == 64
+    assert "local" in r.output and "MFU" in r.output
+    r = CliRunner().invoke(app, ["bench", "model", str(paths[0]), "no_such_model"])
+    assert r.exit_code == 2 and "no_such_model" in r.output
 
 
 def test_bench_decode_compares_cached_and_recomputed_sampling(tmp_path):
