@@ -128,6 +128,14 @@ class Block(eqx.Module):
 # ---- stages: every stage runs, caches and steps its blocks behind the same three methods ----
 
 
+# The fewest repetitions run by lax.scan. Fewer run as a Python loop over the same stacked
+# weights: a scan of two compiles slower than the two units unrolled (a 4-layer stack whose two
+# trailing blocks were a scan of length 2: 7.6 s against 5.4 s unrolled; docs/benchmarks.md,
+# "Compile time against depth"). The weights' layout, and so checkpoints and sharding, do not
+# depend on it.
+SCAN_MIN_COUNT = 3
+
+
 class Scanned(eqx.Module):
     """`count` repetitions of a unit of blocks; every array leaf has a leading axis of size count."""
 
@@ -157,6 +165,11 @@ class Scanned(eqx.Module):
             return (x, aux), None
 
         body = _remat(body, self.remat)
+        if self.count < SCAN_MIN_COUNT:
+            carry = (x, aux)
+            for c in range(self.count):
+                carry, _ = body(carry, jax.tree.map(lambda a: a[c], (params, keys)))
+            return carry
         (x, aux), _ = jax.lax.scan(body, (x, aux), (params, keys))
         return x, aux
 
