@@ -49,16 +49,26 @@ def cli_errors(fn):
 
 
 def validate(
-    files: List[str] = typer.Argument(..., help="Model files (.bst or .yaml) or zoo model names."),
+    files: List[str] = typer.Argument(..., help="Model or library files (.bst or .yaml), or zoo names."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
 ):
-    """Check model files: syntax, names, schemas, context edges, shapes. Reports every error."""
+    """Check model files: syntax, names, schemas, context edges, shapes. Reports every error.
+    A block library is checked on its own: imports, parameters, each block's definition."""
     import bstc
 
     overrides = _sets_or_exit(set_)
     failed = missing = 0
     for f in files:
         try:
+            lib = _library_or_none(f)
+            if lib is not None:  # a block library: its imports, parameters and blocks
+                from bstc.frontend import check_library
+
+                tree = check_library(lib)
+                n = len(tree.blocks)
+                typer.echo(f"{f}: ok — library {tree.name}, {n} block{'s' if n != 1 else ''}: "
+                           + ", ".join(b.name for b in tree.blocks))
+                continue
             m = bstc.parse(f, overrides=overrides)
             if m.mesh is not None:  # the mesh section's rules against every parameter (bstc.shard_plan)
                 from bstc import shard_plan
@@ -76,6 +86,14 @@ def validate(
         raise typer.Exit(2)
     if failed:
         raise typer.Exit(1)
+
+
+def _library_or_none(f: str):
+    """The path of `f` when it names a block library (a file or a zoo library), else None."""
+    from bstc import zoo
+
+    p = zoo.resolve(f)
+    return p if p is not None and p.is_file() and zoo.is_library(p) else None
 
 
 def _sets_or_exit(set_):

@@ -3,6 +3,8 @@
 Every problem in the file is collected and raised together as one BstcError."""
 from __future__ import annotations
 
+import dataclasses
+import os
 import re
 from pathlib import Path
 
@@ -13,10 +15,11 @@ from bstc.passes.check import check
 from bstc.passes.expand import expand
 from bstc.passes.mesh import check_mesh
 from bstc.passes.resolve import resolve
+from bstc.syntax import ast
 from bstc.syntax.dsl import parse_dsl
 from bstc.syntax.yaml_front import parse_yaml
 
-_DSL_START = re.compile(r"\A(\s*(#[^\n]*)?\n)*\s*model\s+[A-Za-z_]\w*\s*\{")
+_DSL_START = re.compile(r"\A(\s*(#[^\n]*)?\n)*\s*(import\s*\"|(model|library)\s+[A-Za-z_]\w*\s*\{)")
 
 
 def read_source(source) -> tuple[str, str, str]:
@@ -40,10 +43,126 @@ def _sniff(text: str) -> str:
 
 
 def parse_ast(source):
+    """The file's own syntax tree (its imports named, not read), its text, name and collector."""
     text, file, fmt = read_source(source)
     errors = Collector({file: text})
     tree = (parse_dsl if fmt == "bst" else parse_yaml)(text, file, errors)
     return tree, text, file, errors
+
+
+def _source_path(source) -> Path | None:
+    """The file a source names (resolved), None for model text."""
+    from bstc import zoo
+
+    if isinstance(source, Path) or (isinstance(source, str) and "\n" not in source and "{" not in source):
+        p = zoo.resolve(str(source))
+        return p.resolve() if p is not None else None
+    return None
+
+
+def find_import(name: str, base: Path | None) -> Path | None:
+    """An import's file: `name` relative to the importing file's directory (the working
+    directory for model text), `.bst`/`.yaml` added when it has no such suffix; else a zoo
+    library of that name."""
+    from bstc import zoo
+
+    def cands(d: Path):
+        yield d / name
+        if Path(name).suffix not in (".bst", ".yaml", ".yml"):
+            yield d / f"{name}.bst"
+            yield d / f"{name}.yaml"
+
+    dirs = [base if base is not None else Path.cwd()]
+    if "/" not in name and "\\" not in name:
+        dirs.append(zoo.models_dir())
+    for d in dirs:
+        for c in cands(d):
+            if c.is_file():
+                return c
+    return None
+
+
+def _display(importer: str, base: Path | None, found: Path) -> str:
+    """How diagnostics name an imported file: beside the importer's name when it was found
+    relative to it, else its full path (a zoo library)."""
+    if base is not None and found.parent.resolve() == base and importer not in ("<string>",):
+        return os.path.normpath(os.path.join(os.path.dirname(importer), found.name))
+    return str(found)
+
+
+def load_ast(source):
+    """`parse_ast` with the imports read: the libraries' parameters and blocks come first (in
+    import order, a library's own imports before it; a file imported twice counts once), then
+    the file's own. A missing file, an import cycle or a model imported as a library is a
+    located error; a name defined in two files is reported by the passes, with both places."""
+    tree, text, file, errors = parse_ast(source)
+    if tree is None or not tree.imports:
+        return tree, text, file, errors
+    path = _source_path(source)
+    base = path.parent if path is not None else None
+    assigns: list = []
+    blocks: list = []
+    done: set = set()
+
+    def visit(t: ast.ModelDef, disp: str, base_dir: Path | None, stack: list) -> None:
+        for imp in t.imports:
+            found = find_import(imp.path, base_dir)
+            if found is None:
+                where = "the working directory" if base_dir is None else "this file's directory"
+                errors.error(imp.span, f"cannot find '{imp.path}' to import",
+                             f"a path relative to {where}, or a zoo library: {', '.join(zoo_libraries()) or 'none'}")
+                continue
+            key = found.resolve()
+            keys = [k for k, _, _ in stack]
+            if key in keys:
+                i = keys.index(key)
+                name = [os.path.basename(d) for _, d, _ in stack]  # the places say which directory
+                chain = name[i:] + [name[i]]
+                if i + 1 < len(stack):
+                    first = stack[i + 1][2]
+                    hint = (f"{name[i]} imports {name[i + 1]} at {first}: a library cannot import a file "
+                            "that imports it; move what both need into a third library")
+                else:
+                    hint = "remove this import"
+                errors.error(imp.span, "import cycle: " + " -> ".join(chain), hint)
+                continue
+            if key in done:
+                continue
+            done.add(key)
+            sub_disp = _display(disp, base_dir, found)
+            try:
+                sub_text = read_text_file(found, "library")
+            except FileNotFoundError as e:
+                errors.error(imp.span, f"cannot import '{imp.path}': {e.args[0]}")
+                continue
+            except BstcError as e:
+                errors.diagnostics.extend(e.diagnostics)
+                errors.sources.update(e.sources)
+                continue
+            errors.sources[sub_disp] = sub_text
+            fmt = ("yaml" if found.suffix in (".yaml", ".yml") else "bst" if found.suffix == ".bst"
+                   else _sniff(sub_text))
+            sub = (parse_dsl if fmt == "bst" else parse_yaml)(sub_text, sub_disp, errors)
+            if sub is None:
+                continue
+            if not sub.library:
+                errors.error(imp.span, f"'{imp.path}' is a model, not a library",
+                             f"only a library (`library NAME {{ parameters and blocks }}`) can be imported; "
+                             f"move the blocks to share from {sub_disp} into one")
+                continue
+            visit(sub, sub_disp, key.parent, stack + [(key, sub_disp, imp.span)])
+            assigns.extend(sub.assigns)
+            blocks.extend(sub.blocks)
+
+    visit(tree, file, base, [(path if path is not None else file, file, None)])
+    merged = dataclasses.replace(tree, assigns=tuple(assigns) + tree.assigns, blocks=tuple(blocks) + tree.blocks)
+    return merged, text, file, errors
+
+
+def zoo_libraries() -> list[str]:
+    from bstc import zoo
+
+    return zoo.library_names()
 
 
 def parse(source, overrides=None) -> ir.Model:
@@ -51,12 +170,16 @@ def parse(source, overrides=None) -> ir.Model:
         if overrides:
             raise ValueError("overrides apply to model files, not to an already checked IR")
         return source
-    tree, text, file, errors = parse_ast(source)
+    tree, text, file, errors = load_ast(source)
     # A file that did not parse (or a YAML file with a structural error, e.g. a misspelt section
     # key) stops here: the passes would only report the consequences again.
     if tree is None or errors:
         errors.raise_if_any()
         raise BstcError([Diagnostic(Span(file, 1, 1), "the model file could not be read")], {file: text})
+    if tree.library:
+        errors.error(tree.span, f"'{tree.name}' is a library, not a model",
+                     "import it from a model (`import \"FILE\"`); `bstc validate` checks a library's blocks")
+        errors.raise_if_any()
     errors.sources.setdefault("<--set>", "")
     res = resolve(tree, overrides, errors)
     mesh = check_mesh(tree, res.scope, errors)
@@ -70,6 +193,23 @@ def parse(source, overrides=None) -> ir.Model:
     if model is None:  # defensive: a failed pass must have said why
         raise BstcError([], {})
     return model
+
+
+def check_library(source) -> ast.ModelDef:
+    """A library file checked on its own (bstc.passes.library); raises BstcError like `parse`.
+    Returns its syntax tree with its imports' parameters and blocks."""
+    from bstc.passes.library import check_library as check_blocks
+
+    tree, text, file, errors = load_ast(source)
+    if tree is None or errors:
+        errors.raise_if_any()
+        raise BstcError([Diagnostic(Span(file, 1, 1), "the library file could not be read")], {file: text})
+    if not tree.library:
+        errors.error(tree.span, f"'{tree.name}' is a model, not a library", "check it with `bstc.parse`")
+    else:
+        check_blocks(tree, errors)
+    errors.raise_if_any()
+    return tree
 
 
 def parse_set_items(items) -> dict[str, str]:

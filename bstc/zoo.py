@@ -1,6 +1,7 @@
 """The model zoo shipped with bstc (models/*.bst, models/*.yaml)."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 _HERE = Path(__file__).resolve().parent
@@ -16,14 +17,36 @@ def models_dir() -> Path:
     return package_data_dir("models")
 
 
-def list_models() -> list[Path]:
+_LIBRARY = re.compile(r"^(library\s+[A-Za-z_]\w*\s*\{|library\s*:)", re.M)
+
+
+def is_library(path) -> bool:
+    """A block library (`library NAME { ... }`, YAML `library: NAME`), which models import; not a model."""
+    return _LIBRARY.search(Path(path).read_text(encoding="utf-8", errors="replace")) is not None
+
+
+def _files() -> list[Path]:
     d = models_dir()
     return sorted(list(d.glob("*.bst")) + list(d.glob("*.yaml")))
+
+
+def list_models() -> list[Path]:
+    """The zoo's model files (its libraries are not models)."""
+    return [p for p in _files() if not is_library(p)]
+
+
+def list_libraries() -> list[Path]:
+    """The zoo's block libraries (`import "blocks"` finds them from any model file)."""
+    return [p for p in _files() if is_library(p)]
 
 
 def names() -> list[str]:
     """Zoo model names, each once (`bst_sh_s4` has a .bst and a .yaml file)."""
     return sorted({p.stem for p in list_models()})
+
+
+def library_names() -> list[str]:
+    return sorted({p.stem for p in list_libraries()})
 
 
 def resolve(name_or_path: str) -> Path | None:

@@ -8,7 +8,9 @@ diagnostic, in the order bstc reports them, as (where, message, hint):
   (line i is the i-th override, shown as `name=value`);
 * hint: the exact `= help:` text, or None where bstc gives none.
 
-Rows whose id starts with `yaml-` are YAML model files; `overrides` rows pass `--set` values.
+Rows whose id starts with `yaml-` are YAML model files; `overrides` rows pass `--set` values;
+`files` rows write more files beside the model (libraries it imports): a place in one of them is
+"FILE:LINE:COL", and the test directory is left out of places and hints.
 The table is also the reference for docs/language.md's error-message section.
 """
 from __future__ import annotations
@@ -30,14 +32,16 @@ class Case:
     text: str
     expected: list
     overrides: dict = field(default_factory=dict)
+    files: dict = field(default_factory=dict)
 
     @property
     def suffix(self) -> str:
         return ".yaml" if self.id.startswith("yaml-") else ".bst"
 
 
-def case(id, text, *expected, overrides=None):
-    return Case(id, textwrap.dedent(text).lstrip("\n"), list(expected), dict(overrides or {}))
+def case(id, text, *expected, overrides=None, files=None):
+    return Case(id, textwrap.dedent(text).lstrip("\n"), list(expected), dict(overrides or {}),
+                {k: textwrap.dedent(v).lstrip("\n") for k, v in (files or {}).items()})
 
 
 # A small valid model that most rows change in one place (kept here for reference; every row
@@ -1034,6 +1038,146 @@ CASES = [
           - {head: tied}
         """,
          ("7:17", "letter 'K' of the pattern is not bound to a block", "bind 'K' to a block next to the pattern")),
+
+    # ---- imports -----------------------------------------------------------------------------------
+    case("import-missing-file", """
+        import "nope.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; local; head tied }
+        }
+        """,
+         ("1:8", "cannot find 'nope.bst' to import",
+          "a path relative to this file's directory, or a zoo library: blocks, s4_blocks")),
+    case("import-cycle", """
+        import "a.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          layers { embed; local; head tied }
+        }
+        """,
+         ("b.bst:1:8", "import cycle: a.bst -> b.bst -> a.bst",
+          "a.bst imports b.bst at a.bst:1:8: a library cannot import a file that imports it; "
+          "move what both need into a third library"),
+         files={"a.bst": """
+             import "b.bst"
+             library a {
+               block local { attn = block_attention(window: window) }
+             }
+             """, "b.bst": """
+             import "a.bst"
+             library b {
+               block x { attn = block_attention(window: window) }
+             }
+             """}),
+    case("import-itself", """
+        import "import-itself.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = block_attention(window: window) }
+          layers { embed; local; head tied }
+        }
+        """,
+         ("1:8", "import cycle: import-itself.bst -> import-itself.bst", "remove this import")),
+    case("import-a-model", """
+        import "other.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          layers { embed; local; head tied }
+        }
+        """,
+         ("1:8", "'other.bst' is a model, not a library",
+          "only a library (`library NAME { parameters and blocks }`) can be imported; "
+          "move the blocks to share from other.bst into one"),
+         files={"other.bst": """
+             model other {
+               vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+               block local { attn = block_attention(window: window) }
+               layers { embed; local; head tied }
+             }
+             """}),
+    case("import-block-clash", """
+        import "lib.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block local { attn = sliding_attention(window: window) }
+          layers { embed; local; head tied }
+        }
+        """,
+         ("4:9", "block 'local' is defined twice",
+          "first defined at lib.bst:2:9; a name may be defined in one file only: rename or remove one"),
+         files={"lib.bst": """
+             library lib {
+               block local { attn = block_attention(window: window) }
+             }
+             """}),
+    case("import-parameter-clash", """
+        import "lib.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          layers { embed; local; head tied }
+        }
+        """,
+         ("3:41", "parameter 'window' is defined twice",
+          "first defined at lib.bst:2:3; a name may be defined in one file only: rename or remove one"),
+         files={"lib.bst": """
+             library lib {
+               window = 32
+               block local { attn = block_attention(window: window) }
+             }
+             """}),
+    case("import-two-libraries-clash", """
+        import "a.bst"
+        import "b.bst"
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          layers { embed; local; head tied }
+        }
+        """,
+         ("b.bst:2:9", "block 'local' is defined twice",
+          "first defined at a.bst:2:9; a name may be defined in one file only: rename or remove one"),
+         files={"a.bst": """
+             library a {
+               block local { attn = block_attention(window: window) }
+             }
+             """, "b.bst": """
+             library b {
+               block local { attn = sliding_attention(window: window) }
+             }
+             """}),
+    case("library-is-not-a-model", """
+        library lib {
+          block local { attn = block_attention(window: window) }
+        }
+        """,
+         ("1:9", "'lib' is a library, not a model",
+          "import it from a model (`import \"FILE\"`); `bstc validate` checks a library's blocks")),
+    case("library-has-no-layers", """
+        library lib {
+          block local { attn = block_attention(window: window) }
+          layers { embed; local; head tied }
+        }
+        """,
+         ("3:3", "unexpected 'layers'", "expected a name, 'block', ';', '}'")),
+    case("yaml-import-missing-file", """
+        imports: [nope.yaml]
+        model: m
+        params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64}
+        blocks:
+          local: {layers: {attn: {kind: block_attention, window: window}}}
+        layers: [embed, local, {head: tied}]
+        """,
+         ("1:11", "cannot find 'nope.yaml' to import",
+          "a path relative to this file's directory, or a zoo library: blocks, s4_blocks")),
+    case("yaml-library-has-no-layers", """
+        library: lib
+        blocks:
+          local: {layers: {attn: {kind: block_attention, window: window}}}
+        layers: [embed, local, {head: tied}]
+        """,
+         ("4:1", "a library has no 'layers'",
+          "a library holds parameters and blocks; the stack belongs to the models that import it")),
 ]
 
 
@@ -1041,12 +1185,19 @@ def _where(d, path) -> str:
     if d.span is None:
         return "-"
     loc = f"{d.span.line}:{d.span.col}"
-    return loc if d.span.file == str(path) else f"{d.span.file}:{loc}"
+    return loc if d.span.file == str(path) else f"{_local(d.span.file, path)}:{loc}"
+
+
+def _local(text, path):
+    """`text` with the test directory left out (imported files are named by their full path)."""
+    return text.replace(f"{path.parent}/", "") if text else text
 
 
 def _diagnose(c: Case, tmp_path):
     path = tmp_path / f"{c.id}{c.suffix}"
     path.write_text(c.text)
+    for name, text in c.files.items():
+        (tmp_path / name).write_text(text)
     with pytest.raises(BstcError) as info:
         bstc.parse(str(path), overrides=c.overrides or None)
     return path, info.value
@@ -1061,7 +1212,7 @@ def test_table_is_big_and_unique():
 @pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
 def test_bad_example(c: Case, tmp_path):
     path, err = _diagnose(c, tmp_path)
-    got = [(_where(d, path), d.message, d.hint) for d in err.diagnostics]
+    got = [(_where(d, path), d.message, _local(d.hint, path)) for d in err.diagnostics]
     assert got == [tuple(e) for e in c.expected]
     # Every diagnostic renders as `file:line:col: error: message`, with the source line and a
     # caret under the reported column when it points into the model file.

@@ -87,7 +87,7 @@ def test_validate_with_set(run):
 
 def test_validate_yaml_error(run, tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(open(SH_YAML).read().replace("blocks:", "blokcs:"))
+    bad.write_text(open(SH_YAML).read().replace("params:", "blokcs:"))
     res = run("validate", bad)
     assert res.exit_code == 1
     assert re.search(rf"^{re.escape(str(bad))}:\d+:1: error: unknown key 'blokcs' in the model file$", res.output, re.M)

@@ -48,18 +48,33 @@ class Expanded:
     builtin_spans: dict = field(default_factory=dict)
 
 
-def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
+def first_defined(first: Span | None, again: Span | None) -> str:
+    """The hint for a name defined twice: the first definition's line, or its file:line:col
+    when the two are in different files (an imported library and the file, or two libraries)."""
+    if first is None:
+        return "first defined at line ?"
+    if again is not None and first.file != again.file:
+        return f"first defined at {first}; a name may be defined in one file only: rename or remove one"
+    return f"first defined at line {first.line}"
+
+
+def block_table(model: ast.ModelDef, scope: Scope, errors: Collector) -> dict[str, ast.BlockDef]:
+    """The blocks by name (imported ones first), each definition checked; clashes reported."""
     blocks: dict[str, ast.BlockDef] = {}
     for b in model.blocks:
         if b.name in blocks:
-            errors.error(b.span, f"block '{b.name}' is defined twice",
-                         f"first defined at line {blocks[b.name].span.line if blocks[b.name].span else '?'}")
+            errors.error(b.span, f"block '{b.name}' is defined twice", first_defined(blocks[b.name].span, b.span))
             continue
         _check_block_def(b, errors, scope)
         blocks[b.name] = b
         if b.name in RESERVED_BLOCK_NAMES:
             errors.error(b.span, f"'{b.name}' is a reserved word and cannot name a block",
                          "choose another name: `" + b.name + "` starts or continues a statement in layers")
+    return blocks
+
+
+def expand(model: ast.ModelDef, scope: Scope, errors: Collector) -> Expanded:
+    blocks = block_table(model, scope, errors)
 
     out = Expanded([])
     counters: dict[str, int] = {}

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from bstc.errors import Collector, Span, suggest
 from bstc.ops.base import Dims
 from bstc.passes.evaluate import CONTEXT_VARIANT_NAMES, Scope, Symbol, describe, evaluate
+from bstc.passes.expand import first_defined
 from bstc.syntax import ast
 
 REQUIRED_PARAMS = ("vocab", "d_model", "heads", "window", "seq_len")
@@ -83,8 +84,7 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
     pending_later = {a.name: a for a in model.assigns}
     for a in model.assigns:
         if a.name in seen:
-            errors.error(a.span, f"parameter '{a.name}' is defined twice",
-                         f"first defined at line {seen[a.name].line}")
+            errors.error(a.span, f"parameter '{a.name}' is defined twice", first_defined(seen[a.name], a.span))
             continue
         seen[a.name] = a.span
         if a.name in CONTEXT_VARIANT_NAMES:

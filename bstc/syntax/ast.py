@@ -197,7 +197,17 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class Import:
+    """`import "blocks.bst"`: a library's blocks and parameters join the importing file's."""
+
+    path: str
+    span: Span | None = _span()
+
+
+@dataclass(frozen=True)
 class ModelDef:
+    """A model file, or a library (`library NAME { parameters and blocks }`: no stack)."""
+
     name: str
     assigns: tuple[Assign, ...]
     blocks: tuple[BlockDef, ...]
@@ -206,3 +216,5 @@ class ModelDef:
     rules: tuple[Rule, ...] | None = None
     span: Span | None = _span()
     layers_span: Span | None = _span()
+    imports: tuple[Import, ...] = ()
+    library: bool = False

@@ -4,6 +4,7 @@ Syntax errors are collected with lark's error recovery, so a file with several b
 reports each of them (at most one per line, to avoid cascades)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 from lark import Lark, Token, Transformer, Tree, v_args
@@ -12,7 +13,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 from bstc.errors import Collector, Span
 from bstc.syntax import ast
 
-KEYWORDS = ("model", "block", "layers", "repeat", "embed", "norm", "head", "share", "mesh", "rules", "pattern",
+KEYWORDS = ("import", "library", "model", "block", "layers", "repeat", "embed", "norm", "head", "share", "mesh", "rules", "pattern",
             "every", "from", "at")
 
 
@@ -283,8 +284,21 @@ class _ToAst(Transformer):
         return ast.ModelDef(str(name), tuple(assigns), tuple(blocks), layers or (), mesh, rules,
                             self._t(name), layers_span)
 
+    @v_args(meta=True)
+    def import_stmt(self, meta, children):
+        (path,) = children
+        return ast.Import(str(path)[1:-1], self._t(path))
+
+    @v_args(meta=True)
+    def library(self, meta, children):
+        name, *items = children
+        return ast.ModelDef(str(name), tuple(i for i in items if isinstance(i, ast.Assign)),
+                            tuple(i for i in items if isinstance(i, ast.BlockDef)), (), span=self._t(name),
+                            library=True)
+
     def start(self, children):
-        return children[0]
+        *imports, top = children
+        return dataclasses.replace(top, imports=tuple(imports)) if imports else top
 
 
 class _DupSection(Exception):

@@ -5,6 +5,7 @@ can run code) and walked node by node, which keeps each value's line and column 
 diagnostics. Any tag beyond plain YAML scalars, lists and maps is rejected, and so is every
 unknown key: nothing is silently ignored.
 
+    imports: [blocks.bst]                          # libraries (optional; a library file has `library: NAME`)
     model: NAME
     params: {vocab: 256, d_model: 512, ...}        # top-level parameters (values may be expressions)
     blocks:
@@ -40,7 +41,7 @@ _STD = "tag:yaml.org,2002:"
 _SCALAR_TAGS = {_STD + t for t in ("str", "int", "float", "bool", "null")}
 _OK_TAGS = _SCALAR_TAGS | {_STD + "map", _STD + "seq"}
 
-TOP_KEYS = ("model", "params", "blocks", "layers", "mesh", "rules")
+TOP_KEYS = ("imports", "model", "library", "params", "blocks", "layers", "mesh", "rules")
 BLOCK_KEYS = ("params", "layers")
 
 
@@ -124,10 +125,28 @@ class _Walker:
         top = self.mapping(root, "the model file", TOP_KEYS)
         if top is None:
             return None
-        if "model" not in top:
+        library = "library" in top and "model" not in top
+        if "model" in top and "library" in top:
+            self.err(top["library"][0], "a file is a model or a library, not both",
+                     "a model file has `model: NAME`; a library has `library: NAME` and no layers")
+            return None
+        if library:
+            for key in ("layers", "mesh", "rules"):
+                if key in top:
+                    self.err(top[key][0], f"a library has no '{key}'",
+                             "a library holds parameters and blocks; the stack belongs to the models that import it")
+        elif "model" not in top:
             self.err(root, "missing key 'model' (the model's name)")
             return None
-        name = self.name(top["model"][1], "'model'")
+        name = self.name(top["library" if library else "model"][1], "'library'" if library else "'model'")
+        imports = []
+        if "imports" in top:
+            node = top["imports"][1]
+            for item in node.value if isinstance(node, yaml.SequenceNode) else [node]:
+                if isinstance(item, yaml.ScalarNode) and item.tag == _STD + "str" and item.value:
+                    imports.append(ast.Import(item.value, self.span(item)))
+                else:
+                    self.err(item, "an import is a file name or a zoo library name, e.g. blocks.bst")
         assigns = self.named_values(top["params"][1], "'params'", ast.Assign) if "params" in top else []
         blocks = []
         if "blocks" in top:
@@ -159,8 +178,11 @@ class _Walker:
             rules = tuple(rules)
         if name is None:
             return None
+        if library:
+            return ast.ModelDef(name, tuple(assigns), tuple(blocks), (), span=self.span(top["library"][1]),
+                                imports=tuple(imports), library=True)
         return ast.ModelDef(name, tuple(assigns), tuple(blocks), tuple(layers), mesh, rules,
-                            self.span(top["model"][1]), layers_span)
+                            self.span(top["model"][1]), layers_span, imports=tuple(imports))
 
     def block(self, bname, kn, vn) -> ast.BlockDef | None:
         body = self.mapping(vn, f"block '{bname}'", BLOCK_KEYS)
