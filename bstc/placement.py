@@ -308,18 +308,15 @@ class Sharded:
         return jax.tree.map(lambda x: _put(np.asarray(x), repl), tree)
 
 
-def for_run(model_file, overrides: Mapping[str, Any] | None, mesh: str | None, batch: int) -> Sharded | None:
+def for_run(model_ir: ir.Model | None, mesh: str | None, batch: int) -> Sharded | None:
     """The Sharded of a training run, or None when it runs on one device as before: no --mesh,
     no mesh section in the model, one device, one process. `batch`: the per-step batch that is
     split over the batch axes (the micro-batch under gradient accumulation)."""
-    if model_file is None:
+    if model_ir is None:
         if mesh is not None:
             raise ValueError("--mesh needs a bstc model file")
         return None
-    import bstc
-
-    m = bstc.parse(str(model_file), overrides=dict(overrides) if overrides else None)
-    if mesh is None and m.mesh is None and jax.device_count() == 1 and jax.process_count() == 1:
+    if mesh is None and model_ir.mesh is None and jax.device_count() == 1 and jax.process_count() == 1:
         return None  # the one-device run, exactly as without a mesh
-    sh = Sharded.create(m, mesh, batch=batch)  # a mesh section larger than the devices: located error
+    sh = Sharded.create(model_ir, mesh, batch=batch)  # a mesh section larger than the devices: located error
     return None if sh.is_trivial else sh

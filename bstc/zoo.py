@@ -61,3 +61,26 @@ def resolve(name_or_path: str) -> Path | None:
             return cand
     # A directory or FIFO of that name: the reader says what it is instead of "no such file".
     return p if p.exists() else None
+
+
+# The zoo's tiny preset: what `bstc train NAME` (and the bench) apply to a zoo model, written
+# at paper scale, unless --preset none: small enough to train for a few minutes on a laptop
+# CPU. Each zoo file names its depth `groups` (BSTs: 4-layer groups; GSS-Hybrid: 5-layer
+# groups) or `depth` (layers), so every zoo model shrinks alike (4–5 layers, 0.8–1.0M
+# parameters) and `bstc train NAME` comparisons are fair.
+TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 32, "groups": 1, "depth": 4,
+        "memory": 128, "state_vectors": 128, "experts": 4}
+
+
+def declared_params(path) -> set[str]:
+    """The top-level parameter names a model file defines (its syntax only, no checking)."""
+    from bstc.frontend import parse_ast
+
+    return {a.name for a in parse_ast(str(path))[0].assigns}
+
+
+def preset_overrides(path, preset: dict | None = None) -> dict:
+    """A preset's values (default: `TINY`) for the parameters the model file defines: a preset
+    names parameters of many files, and `--set` of a name a file lacks is an error."""
+    names = declared_params(path)
+    return {k: v for k, v in (TINY if preset is None else preset).items() if k in names}

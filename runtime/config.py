@@ -15,13 +15,6 @@ import yaml
 
 from bstc.runtime.errors import UsageError
 
-# Overrides applied to zoo models (paper-scale as written) unless --preset none: models small
-# enough to train for a few minutes on a laptop CPU. Each zoo file names its depth `groups`
-# (BSTs: 4-layer groups; GSS-Hybrid: 5-layer groups) or `depth` (layers), so every zoo model
-# shrinks alike (4–5 layers, 0.8–1.0M parameters) and `bstc train NAME` comparisons are fair.
-TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 32, "groups": 1, "depth": 4,
-        "memory": 128, "state_vectors": 128, "experts": 4}
-
 TASKS = ("recall", "copy", "induction")
 OPTIMIZERS = ("adamw", "adafactor")
 

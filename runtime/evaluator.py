@@ -40,7 +40,7 @@ def spec_of_run(run_dir: Path, info: dict[str, Any]) -> ModelSpec:
 
 def load_model(run_dir: Path, spec: ModelSpec | None = None, step: int | None = None):
     """The trained model of a run (latest checkpoint, or `step`) and the step it is from."""
-    from bstc.runtime.trainer import init_state, make_optimizer
+    from bstc.runtime.step import init_state, make_optimizer
 
     cfg, info = load_run(run_dir)
     spec = spec or spec_of_run(run_dir, info)
@@ -71,7 +71,7 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
              spec: ModelSpec | None = None, console: Console | None = None,
              out_dir: Path | None = None) -> dict[str, Any]:
     """Evaluate a run's checkpoint; write eval-SPLIT.json, per_position-SPLIT.{json,png}."""
-    from bstc.runtime.trainer import eval_step
+    from bstc.runtime.step import eval_step
 
     run_dir = Path(run_dir)
     if split not in D.SPLITS:

@@ -94,7 +94,7 @@ def count_params(path: Path, overrides: dict[str, Any]) -> int | None:
 def match_size(path: Path, scale: Scale, target: int) -> tuple[dict[str, Any], int]:
     """Overrides that bring the model file closest to `target` parameters: depth first (the
     file's `groups` or `depth`), then MLP width (`mlp_hidden`, a multiple of 8)."""
-    from bstc.runtime.model import declared_params
+    from bstc.zoo import declared_params
 
     declared = declared_params(path)
     ov = base_overrides(scale, declared)
@@ -133,7 +133,8 @@ def match_size(path: Path, scale: Scale, target: int) -> tuple[dict[str, Any], i
 
 
 def target_params(scale: Scale) -> int:
-    from bstc.runtime.model import declared_params, resolve_model
+    from bstc.runtime.model import resolve_model
+    from bstc.zoo import declared_params
 
     path = resolve_model("bst_sh_s4")
     ov = {**base_overrides(scale, declared_params(path)), "groups": scale.target_groups}

@@ -1,7 +1,9 @@
 """What the runtime needs from a model: a factory, a fingerprint, and a few sizes.
 
 The trainer is model-agnostic: it takes a `ModelSpec`. `spec_from_file` builds one from a
-bstc model file (+ overrides); tests may build one around any Equinox module.
+bstc model file (+ overrides), parsing and checking it once: the spec carries the checked
+model (`model_ir`), which the factory lowers and the mesh plan reads, so no later step reads
+the file again. Tests may build a spec around any Equinox module.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import equinox as eqx
 import jax
 
 from bstc import zoo
-from bstc.runtime.config import TINY, RunConfig
+from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import UsageError
 
 
@@ -29,6 +31,7 @@ class ModelSpec:
     file: Path | None = None                    # the model file, copied into the run directory
     overrides: dict[str, Any] = field(default_factory=dict)
     flops_per_token: float | None = None        # from `bstc explain`, for MFU
+    model_ir: Any = None                        # the checked model (bstc.ir.Model), when from a file
 
 
 def zoo_dir() -> Path | None:
@@ -75,29 +78,19 @@ def _ir_text(model_ir) -> str:
 
 
 def effective_overrides(path: Path, cfg: RunConfig) -> dict[str, Any]:
-    """The tiny preset (for zoo models, unless --preset none), then the user's --set."""
+    """The zoo's tiny preset (for zoo models, unless --preset none), then the user's --set."""
     out: dict[str, Any] = {}
     if cfg.preset == "tiny" or (cfg.preset == "auto" and is_zoo(path)):
-        out.update({k: v for k, v in TINY.items() if k in declared_params(path)})
+        out.update(zoo.preset_overrides(path))
     out.update(cfg.set)
     return out
-
-
-def declared_params(path: Path) -> set[str]:
-    """The top-level parameter names a model file defines (syntax only, no checking)."""
-    try:
-        from bstc.frontend import parse_ast
-
-        return {a.name for a in parse_ast(str(path))[0].assigns}
-    except (ImportError, AttributeError, IndexError, TypeError):
-        import bstc
-
-        return set(_params(bstc.parse(str(path))))
 
 
 def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
     """Parse + check the model file now (errors surface before any training starts)."""
     import bstc
+
+    from bstc.lower import lower
 
     model_ir = bstc.parse(str(path), overrides=overrides or None)
     params = _params(model_ir)
@@ -110,7 +103,7 @@ def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
         flops = None
     return ModelSpec(
         name=getattr(model_ir, "name", path.stem),
-        build=lambda key: bstc.load(str(path), key=key, overrides=overrides or None),
+        build=lambda key: lower(model_ir, key=key),
         fingerprint=fp,
         vocab=int(params.get("vocab", 256)),
         seq_len=int(params["seq_len"]) if "seq_len" in params else None,
@@ -118,4 +111,5 @@ def spec_from_file(path: Path, overrides: dict[str, Any]) -> ModelSpec:
         file=path,
         overrides=dict(overrides),
         flops_per_token=flops,
+        model_ir=model_ir,
     )

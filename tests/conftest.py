@@ -48,14 +48,10 @@ model three {
 
 
 def tiny_overrides(path, **extra) -> dict:
-    """TINY restricted to the parameters the model file defines (unknown --set names are errors)."""
-    from bstc.frontend import parse_ast
+    """The tests' TINY restricted to the parameters the model file defines (`bstc.zoo.preset_overrides`)."""
+    from bstc.zoo import preset_overrides
 
-    tree = parse_ast(str(path))[0]
-    names = {a.name for a in tree.assigns}
-    out = {k: v for k, v in TINY.items() if k in names}
-    out.update(extra)
-    return out
+    return {**preset_overrides(path, TINY), **extra}
 
 
 def zoo_paths():
@@ -122,3 +118,48 @@ def kind_model_text(subs: list[str], norm: str = "rms", tied: bool = False, repe
   layers {{ embed; repeat {repeat} {{ b }}; norm {norm}; head {'tied' if tied else 'untied'} }}
 }}
 """
+
+
+# ---- hooks that tests inject into the training loop (bstc.runtime.trainer.Hook) ----
+
+
+def _hook_base():
+    from bstc.runtime.trainer import Hook
+
+    return Hook
+
+
+class StopAfter(_hook_base()):
+    """End the run after step `n` with a checkpoint, as if the process were killed there."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def after_step(self, run, step, stats):
+        from bstc.runtime.trainer import StopRun
+
+        if step >= self.n:
+            raise StopRun
+
+
+class PoisonLoss(_hook_base()):
+    """Step `n` returns a NaN loss and NaN parameters, as a diverging run would."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def wrap_step(self, step_fn):
+        import equinox as eqx
+        import jax
+        import jax.numpy as jnp
+
+        def poisoned(state, batch):
+            new, stats = step_fn(state, batch)
+            if int(new.step) == self.n:
+                nan = lambda x: x * jnp.nan if eqx.is_inexact_array(x) else x  # noqa: E731
+                new = eqx.tree_at(lambda s: s.model, new, jax.tree.map(nan, new.model))
+                stats = {**stats, "loss": jnp.float32(jnp.nan)}
+            return new, stats
+
+        return poisoned
+

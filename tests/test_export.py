@@ -20,7 +20,8 @@ from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.evaluator import load_model
 from bstc.runtime.export import resolved_model_text
 from bstc.runtime.model import spec_from_file
-from bstc.runtime.trainer import init_state, make_optimizer, write_run_files
+from bstc.runtime.step import init_state, make_optimizer
+from bstc.runtime.trainer import write_run_files
 
 ROOT = Path(__file__).resolve().parent.parent
 

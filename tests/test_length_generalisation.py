@@ -21,6 +21,7 @@ from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import UsageError
 from bstc.runtime.model import ModelSpec
 from bstc.runtime.trainer import train
+from conftest import StopAfter
 
 
 def _s4d(**given):
@@ -85,7 +86,7 @@ def test_length_mix_alternates_lengths_and_resumes_exactly(tmp_path):
                   ckpt_every=3, eval_batches=1)
     q = dict(progress=False, plot=False, tensorboard=False)
     full = train(c, tmp_path / "full", _tiny(), **q)
-    part = train(c, tmp_path / "part", _tiny(), stop_after=5, **q)
+    part = train(c, tmp_path / "part", _tiny(), hooks=[StopAfter(5)], **q)
     rest = train(c, tmp_path / "part", _tiny(), resume=True, **q)
     joined = {**part.losses, **rest.losses}
     np.testing.assert_allclose([joined[s] for s in range(1, 9)], [full.losses[s] for s in range(1, 9)],

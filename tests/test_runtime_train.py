@@ -26,7 +26,8 @@ from bstc.runtime.errors import CheckpointError, NonFiniteLossError, UsageError
 from bstc.runtime.evaluator import evaluate, load_model
 from bstc.runtime.metrics import read_metrics
 from bstc.runtime.model import ModelSpec
-from bstc.runtime.trainer import lr_multipliers
+from bstc.runtime.optim import lr_multipliers
+from conftest import PoisonLoss, StopAfter
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,7 +102,7 @@ def test_loss_falls_on_the_default_corpus(tmp_path):
 def test_resumed_run_equals_uninterrupted(tmp_path):
     c = cfg(steps=24, accum=2, ckpt_every=5)
     full = train(c, tmp_path / "full", standin(), **QUIET)
-    part = train(c, tmp_path / "part", standin(), stop_after=13, **QUIET)  # "killed" after step 13
+    part = train(c, tmp_path / "part", standin(), hooks=[StopAfter(13)], **QUIET)  # "killed" after step 13
     assert max(part.losses) == 13 and Checkpointer(tmp_path / "part/checkpoints").latest() == 13
     rest = train(c, tmp_path / "part", standin(), resume=True, **QUIET)
     assert min(rest.losses) == 14
@@ -123,7 +124,7 @@ def test_resume_is_needed_to_reuse_a_run_dir(tmp_path):
 def test_nan_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
     run = tmp_path / "nan"
     with pytest.raises(NonFiniteLossError, match=r"loss is nan at step 17.*last good checkpoint is step 15"):
-        train(cfg(steps=30, ckpt_every=5), run, standin(), nan_at_step=17, **QUIET)
+        train(cfg(steps=30, ckpt_every=5), run, standin(), hooks=[PoisonLoss(17)], **QUIET)
     ck = Checkpointer(run / "checkpoints")
     assert ck.steps() == [5, 10, 15]
     model, step, _, _ = load_model(run, standin())
@@ -154,7 +155,7 @@ def _corrupt(step_dir):
 def test_a_corrupt_latest_checkpoint_falls_back_to_the_newest_readable(tmp_path, capsys):
     ref = train(cfg(steps=6, ckpt_every=2), tmp_path / "ref", standin(), **QUIET)
     run = tmp_path / "r"
-    train(cfg(steps=6, ckpt_every=2), run, standin(), stop_after=4, **QUIET)
+    train(cfg(steps=6, ckpt_every=2), run, standin(), hooks=[StopAfter(4)], **QUIET)
     _corrupt(run / "checkpoints" / "4")
     res = train(cfg(steps=6, ckpt_every=2), run, standin(), resume=True, **QUIET)
     err = capsys.readouterr().err
@@ -254,7 +255,7 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
 
 
 def test_adafactor_and_warmup_schedule(tmp_path):
-    from bstc.runtime.trainer import make_schedule
+    from bstc.runtime.optim import make_schedule
 
     c = cfg(steps=20, optimizer="adafactor", warmup=5, lr=1e-2)
     s = make_schedule(c)

@@ -14,13 +14,12 @@ import pytest
 from bstc.runtime import RunConfig, train
 from bstc.runtime.metrics import read_metrics
 from bstc.runtime.model import spec_from_file
+from conftest import StopAfter
 
 ROOT = Path(__file__).resolve().parent.parent
 # A BST-SH small enough for seconds on a CPU: the zoo file with the conftest's TINY-like sizes.
 SMALL = ["--set", "d_model=32", "--set", "heads=2", "--set", "seq_len=64", "--set", "window=16",
          "--set", "ssm_state=8"]
-
-
 
 
 def bstc(*args, timeout=300, **kw):
@@ -55,6 +54,45 @@ model small_bst {
   }
 }
 """
+
+
+def test_the_runtime_reads_the_model_file_once(tmp_path, monkeypatch):
+    """A spec carries the checked model: building the module and planning the mesh lower that
+    model, never the file again (a spec used to parse it once per step that needed it)."""
+    import jax
+
+    import bstc.frontend
+    from bstc import placement
+
+    f = tmp_path / "m.bst"
+    f.write_text(SMALL_BST)
+    spec = spec_from_file(f, {"d_model": "48"})
+    f.write_text("this is not a model any more")
+
+    def no_parse(*a, **k):
+        raise AssertionError("the model file was parsed again")
+
+    monkeypatch.setattr(bstc.frontend, "parse_ast", no_parse)
+    model = spec.build(jax.random.key(0))
+    assert model.embed.weight.shape == (256, 48)  # the override lives in the carried model
+    assert placement.for_run(spec.model_ir, None, 8) is None  # one device, no mesh: nothing to plan
+
+
+def test_a_set_value_means_the_same_in_every_command(tmp_path):
+    """`--set` values are model-language expressions for train/eval (runtime.config) and for
+    validate/explain/compile/bench (bstc.commands) alike, never YAML (`on` → True, `0x10` → 16)."""
+    import bstc
+    from bstc.commands import parse_sets as compiler_sets
+    from bstc.errors import BstcError
+    from bstc.runtime.config import parse_sets as runtime_sets
+
+    items = ["d_model=2 * 24", "heads=0x10", "seq_len=on"]
+    assert compiler_sets(items) == runtime_sets(items) == {"d_model": "2 * 24", "heads": "0x10", "seq_len": "on"}
+    f = tmp_path / "m.bst"
+    f.write_text(SMALL_BST)
+    assert bstc.parse(str(f), overrides=compiler_sets(items[:1])).dims.d_model == 48
+    with pytest.raises(BstcError, match="<--set>"):
+        bstc.parse(str(f), overrides=runtime_sets(items[1:2]))
 
 
 def test_loss_falls_on_the_default_corpus_with_a_tiny_bst(tmp_path):
@@ -149,7 +187,7 @@ def test_resume_equals_uninterrupted_on_a_real_bst(tmp_path):
     c = RunConfig(steps=8, batch=4, eval_every=0, ckpt_every=4)
     kw = dict(progress=False, plot=False, tensorboard=False)
     full = train(c, tmp_path / "a", spec, **kw)
-    part = train(c, tmp_path / "b", spec, stop_after=3, **kw)
+    part = train(c, tmp_path / "b", spec, hooks=[StopAfter(3)], **kw)
     rest = train(c, tmp_path / "b", spec, resume=True, **kw)
     joined = {**part.losses, **rest.losses}
     assert sorted(joined) == list(range(1, 9))
