@@ -113,12 +113,18 @@ def explain(
     ir_: bool = typer.Option(False, "--ir", help="Print the resolved IR instead of the table."),
     mesh: Optional[str] = typer.Option(None, "--mesh", help="Plan for a device mesh, e.g. --mesh data=2,tensor=4: "
                                        "each parameter's partition spec and the per-device memory."),
+    sweep_: Optional[List[str]] = typer.Option(None, "--sweep", help="A grid of --set values, e.g. --sweep "
+                                               "d_model=64,128 --sweep window=16,32: one row per combination "
+                                               "(parameters, FLOPs per token) instead of the layer table."),
 ):
     """Show the expanded layer table, parameter count, FLOPs per token and memory, before any device is used."""
     import bstc
     from bstc import ir
     from bstc.passes.report import build_report
 
+    if sweep_:
+        _explain_sweep(file, parse_sets(set_), sweep_, batch, as_json)
+        return
     m = bstc.parse(file, overrides=parse_sets(set_))
     if ir_:
         typer.echo(ir.dump(m))
@@ -139,6 +145,30 @@ def explain(
     print_report(rep)
     if plan is not None:
         shard_plan.print_plan(plan, batch)
+
+
+def _explain_sweep(file: str, sets: dict, items: list[str], batch: int, as_json: bool) -> None:
+    """`bstc explain --sweep`: one row per grid point (bstc.sweep); exit 1 if a point fails."""
+    from dataclasses import asdict
+
+    from bstc.frontend import load_ast
+    from bstc.passes.resolve import SETTINGS
+    from bstc.sweep import check_names, explain_grid, explain_table, grid, parse_sweep_items
+
+    try:
+        sweep = parse_sweep_items(items)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    tree, _, _, errors = load_ast(file)
+    errors.raise_if_any()
+    try:
+        check_names(sweep, sets, {a.name for a in tree.assigns}, SETTINGS)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    rows = explain_grid(file, grid(sweep), sets, batch)
+    typer.echo(json.dumps([asdict(r) for r in rows], indent=2) if as_json else explain_table(rows))
+    if any(r.status != "ok" for r in rows):
+        raise typer.Exit(1)
 
 
 def print_report(rep) -> None:

@@ -98,6 +98,9 @@ def train(
         "seq_len × each factor (validation stays at seq_len)."),
     set_: Optional[List[str]] = typer.Option(
         None, "--set", help="Override a model parameter, e.g. --set d_model=256 (repeatable)."),
+    sweep_: Optional[List[str]] = typer.Option(
+        None, "--sweep", help="Train a grid: one run per combination, e.g. --sweep d_model=64,128 --sweep "
+        "window=16,32 (repeatable), each in its own directory under -o, then a summary table."),
     preset: Optional[str] = typer.Option(
         None, "--preset", help="auto (tiny overrides for zoo models), tiny, or none (the file as written)."),
     output: Optional[Path] = typer.Option(
@@ -166,6 +169,19 @@ def train(
         from bstc.runtime.data import user_files
 
         user_files(cfg.data)
+    if sweep_ or cfg.sweep:  # a grid of runs (bstc.runtime.sweep)
+        from bstc.runtime.sweep import parse_sweep_items, sweep_from_config, train_sweep
+
+        if resume:
+            raise UsageError("--resume continues one run: resume a sweep's runs one by one (-o RUN_DIR --resume)")
+        try:
+            grid = {**sweep_from_config(cfg.sweep), **parse_sweep_items(sweep_)}
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        rows = train_sweep(cfg.replace(sweep={}), grid, output, progress=not quiet, echo=typer.echo)
+        if any(r.status != "ok" for r in rows):
+            raise typer.Exit(1)
+        return
     if model_path is None:
         model_path = resolve_model(cfg.model)
         run_dir = output or Path("runs") / f"{model_path.stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"

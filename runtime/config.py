@@ -72,6 +72,8 @@ class RunConfig:
     log_every: int = 1
     mesh: str | None = None               # device mesh, e.g. "data=2,tensor=4" (bstc.placement; default:
                                           # the model's mesh section, else data parallel over all devices)
+    sweep: dict[str, Any] = field(default_factory=dict)  # a grid of --set values, {d_model: [64, 128]}:
+                                          # one run per combination (bstc.runtime.sweep)
 
     def __post_init__(self):
         self.validate()
@@ -111,6 +113,13 @@ class RunConfig:
         need(self.preset in ("auto", "tiny", "none"),
              f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        if self.sweep:
+            from bstc.runtime.sweep import sweep_from_config
+
+            try:
+                sweep_from_config(self.sweep)
+            except ValueError as e:
+                raise UsageError(str(e)) from None
         need(self.seq_len is None or self.seq_len >= 2, f"seq_len must be >= 2, got {self.seq_len}")
         if self.length_mix is not None:
             need(isinstance(self.length_mix, list) and len(self.length_mix) >= 1
