@@ -128,3 +128,16 @@ def test_train_sweep_runs_each_point_in_its_own_directory(tmp_path, monkeypatch)
     assert table[-1] == "d_model=34,window=8: d_model (34) is not divisible by heads (4)"
     r = CliRunner().invoke(app, ["train", str(f), "--sweep", "window=8", "--resume", "-o", str(ok)])
     assert r.exit_code == 2 and "--resume continues one run" in r.output
+
+
+def test_the_documented_explain_sweep_is_what_bstc_prints():
+    """docs/runtime.md's `bstc explain --sweep` block: the command and its exact table."""
+    import re
+    import shlex
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "runtime.md").read_text()
+    block = re.search(r"^```text\n\$ (bstc explain [^\n]*--sweep[^\n]*)\n(.*?)^```", doc, re.S | re.M)
+    cmd, shown = block.group(1), block.group(2)
+    r = CliRunner().invoke(app, shlex.split(cmd)[1:])
+    assert r.exit_code == 1  # the documented grid has failing points
+    assert r.stdout == shown
