@@ -73,10 +73,12 @@ TINY = {"d_model": 128, "heads": 4, "seq_len": 512, "window": 128, "ssm_state": 
 
 
 def declared_params(path) -> set[str]:
-    """The top-level parameter names a model file defines (its syntax only, no checking)."""
-    from bstc.frontend import parse_ast
+    """The top-level parameter names a model file defines, its imported libraries' included
+    (their syntax only, no checking)."""
+    from bstc.frontend import load_ast
 
-    return {a.name for a in parse_ast(str(path))[0].assigns}
+    tree = load_ast(str(path))[0]
+    return {a.name for a in tree.assigns} if tree is not None else set()
 
 
 def preset_overrides(path, preset: dict | None = None) -> dict:

@@ -181,3 +181,17 @@ def test_an_installed_package_finds_the_zoo_libraries(tmp_path, monkeypatch):
 
     data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
     assert "*.bst" in data["bstc.models"]
+
+
+def test_a_preset_reaches_an_imported_parameter(tmp_path):
+    """The tiny preset (and any preset) sets a parameter a model imports from a library."""
+    (tmp_path / "lib.bst").write_text("library lib {\n  ssm_state = 64\n"
+                                      "  block bst(context = sh) { ssm = s4d(state: ssm_state); "
+                                      "attn = block_attention(window: window, context: ssm -> context) }\n}\n")
+    m = tmp_path / "m.bst"
+    m.write_text('import "lib.bst"\nmodel m {\n  vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64\n'
+                 "  layers { embed; bst; head tied }\n}\n")
+    assert "ssm_state" in zoo.declared_params(m)
+    over = zoo.preset_overrides(m, {"ssm_state": 8, "groups": 1})
+    assert over == {"ssm_state": 8}
+    assert dict(bstc.parse(str(m), overrides=over).layers[0].sublayers[0].args)["state"] == 8
