@@ -95,9 +95,15 @@ def load_ast(source):
     import order, a library's own imports before it; a file imported twice counts once), then
     the file's own. A missing file, an import cycle or a model imported as a library is a
     located error; a name defined in two files is reported by the passes, with both places."""
+    return _load(source)[:4]
+
+
+def _load(source):
+    """`load_ast`'s result and the libraries read, [(path, tree, text)] in the order merged."""
     tree, text, file, errors = parse_ast(source)
+    libraries: list = []
     if tree is None or not tree.imports:
-        return tree, text, file, errors
+        return tree, text, file, errors, libraries
     path = _source_path(source)
     base = path.parent if path is not None else None
     assigns: list = []
@@ -153,10 +159,84 @@ def load_ast(source):
             visit(sub, sub_disp, key.parent, stack + [(key, sub_disp, imp.span)])
             assigns.extend(sub.assigns)
             blocks.extend(sub.blocks)
+            libraries.append((key, sub, sub_text))
 
     visit(tree, file, base, [(path if path is not None else file, file, None)])
     merged = dataclasses.replace(tree, assigns=tuple(assigns) + tree.assigns, blocks=tuple(blocks) + tree.blocks)
-    return merged, text, file, errors
+    return merged, text, file, errors, libraries
+
+
+def _without_imports(text: str, imports) -> str:
+    """`text` with each `import "..."` statement (and its ';') taken out; a line left empty goes too."""
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    for imp in sorted(imports, key=lambda i: (i.span.line, i.span.col), reverse=True):
+        sp = imp.span
+        begin = text.rfind("import", 0, starts[sp.line - 1] + sp.col - 1)
+        end = starts[sp.end_line - 1] + sp.end_col - 1
+        semi = re.match(r"[ \t]*;", text[end:])
+        end += semi.end() if semi else 0
+        line_start, line_end = text.rfind("\n", 0, begin) + 1, text.find("\n", end)
+        line_end = len(text) if line_end < 0 else line_end
+        if not text[line_start:begin].strip() and not re.sub(r"#.*", "", text[end:line_end]).strip():
+            begin, end = line_start, min(line_end + 1, len(text))  # the whole line, its comment too
+        text = text[:begin] + text[end:].lstrip(" \t") if begin != line_start else text[:begin] + text[end:]
+    return text
+
+
+def bundle(source) -> str | None:
+    """A `.bst` model file that imports `.bst` libraries as one self-contained text: each
+    library's body as written (its parameters and blocks, comments kept) inside the model, in
+    the order the imports merge them, and the import lines gone. It compiles to the same IR
+    (checked here), so a run directory that keeps it rebuilds the same model however the
+    libraries later move or change. None when there is nothing to bundle or it cannot be done
+    in text (a YAML file on either side), or for a file with errors."""
+    tree, text, file, errors, libraries = _load(source)
+    path = _source_path(source)
+    if tree is None or errors or tree.library or not tree.imports or path is None or path.suffix != ".bst":
+        return None
+    parts = []
+    for lpath, lib, ltext in libraries:
+        m = re.search(rf"^[ \t]*library\s+{re.escape(lib.name)}\s*\{{", ltext, re.M)
+        close = _matching_brace(ltext, m.end() - 1) if m and lpath.suffix == ".bst" else None
+        if close is None:
+            return None
+        parts.append(f"  # library {lib.name}, from {lpath.name}\n" + ltext[m.end():close].strip("\n") + "\n")
+    own = _without_imports(text, tree.imports)
+    m = re.search(rf"^[ \t]*model\s+{re.escape(tree.name)}\s*\{{", own, re.M)
+    if m is None:
+        return None
+    rest = own[m.end():]
+    out = own[:m.end()] + "\n" + "".join(parts) + "  # the model's own\n" + (rest[1:] if rest.startswith("\n") else rest)
+    try:
+        same = parse(out) == parse(source)
+    except BstcError:
+        same = False
+    return out if same else None
+
+
+def _matching_brace(text: str, i: int) -> int | None:
+    """The index of the '}' that closes the '{' at text[i] (comments and strings skipped)."""
+    depth, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "#":
+            k = text.find("\n", i)
+            i = n if k < 0 else k
+            continue
+        if c == '"':
+            k = text.find('"', i + 1)
+            i = n if k < 0 else k + 1
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
 
 
 def zoo_libraries() -> list[str]:

@@ -195,3 +195,31 @@ def test_a_preset_reaches_an_imported_parameter(tmp_path):
     over = zoo.preset_overrides(m, {"ssm_state": 8, "groups": 1})
     assert over == {"ssm_state": 8}
     assert dict(bstc.parse(str(m), overrides=over).layers[0].sublayers[0].args)["state"] == 8
+
+
+@pytest.mark.parametrize("name", ["bst_mf_s4", "gss_hybrid"])
+def test_a_bundle_is_the_model_in_one_file(name, tmp_path):
+    """`bundle`: the model with its libraries written in, for a run directory: it compiles alone
+    (no imports, anywhere) to the same IR, and is None where there is nothing to bundle."""
+    from bstc.frontend import bundle
+
+    text = bundle(name)
+    assert "import" not in text and "block local" in text
+    f = tmp_path / "model.bst"
+    f.write_text(text)
+    assert parse_ast(str(f))[0].imports == ()
+    assert bstc.parse(str(f)) == bstc.parse(name)
+    assert bundle("transformer") is None and bundle("bst_sh_s4.yaml") is None
+
+
+def test_a_bundle_keeps_a_one_line_model_and_library_parameters(tmp_path):
+    from bstc.frontend import bundle
+
+    (tmp_path / "lib.bst").write_text("library lib { hidden = 96; block local { attn = block_attention(window: window);"
+                                      " mlp = mlp(hidden: hidden) } }  # one line\n")
+    m = tmp_path / "m.bst"
+    m.write_text('import "lib.bst"; model m { vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64;'
+                 " layers { embed; local; head tied } }\n")
+    text = bundle(str(m))
+    assert bstc.parse(text) == bstc.parse(str(m))
+    assert bstc.parse(text, overrides={"hidden": 32}) == bstc.parse(str(m), overrides={"hidden": 32})
