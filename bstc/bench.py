@@ -326,7 +326,7 @@ def run_models(sources: list[str], overrides: list[dict], batch: int, steps: int
                lr: float = 1e-3) -> list[dict]:
     """Several models' training steps in one process: each is compiled and warmed up, then the
     timed steps are interleaved (a rotating order every round), so a slow patch of the machine
-    hits them all alike; ratios are to the first model."""
+    hits them all alike; ratios are to the first model, round by round (their median)."""
     from bstc.runtime.metrics import measure_matmul_peak
 
     preps = [_prepare_model(src, ov, batch, scan, lr) for src, ov in zip(sources, overrides)]
@@ -347,9 +347,11 @@ def run_models(sources: list[str], overrides: list[dict], batch: int, steps: int
                     "losses": prep["losses"], "flops_per_token": rep.flops_per_token,
                     "train_flops_per_token": rep.train_flops_per_token, "achieved_flops": achieved,
                     "matmul_peak_flops": peak, "mfu": achieved / peak, "machine": machine_info()})
-    ref = out[0]["step_s"]
+    # The ratio is the median over rounds of each round's ratio: the steps of one round ran side
+    # by side, so a load that drifts over the run (it does on a shared machine) cancels.
+    ref = out[0]["step_times_s"]
     for o in out:
-        o["ratio_vs_first"] = o["step_s"] / ref
+        o["ratio_vs_first"] = statistics.median(t / r for t, r in zip(o["step_times_s"], ref))
     return out
 
 
@@ -707,4 +709,6 @@ def check_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    import bstc.bench_report  # noqa: F401  (adds `bstc bench report` to bench_app)
+
     app.add_typer(bench_app, name="bench")

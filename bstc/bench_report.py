@@ -1,0 +1,148 @@
+"""`bstc bench report`: the paper's speed claims in one command and one Markdown file.
+
+It runs, in one process: the layer comparison (`bench layers`: BST-SH/MH/MF, BRT, Slide,
+Transformer-XL and full attention, forward + backward, interleaved), the whole models'
+training steps with MFU against this device's measured matmul peak (`bench model`,
+interleaved), and sampling with the caches against recomputation (`bench decode`); then writes
+`report.md`, `report.json` and the layer plot into one directory.
+
+Presets: `paper` (D 1024, H 8, W 512, L 4k–32k; full attention skipped past the time guard),
+sized for one accelerator in about 8 minutes, and `cpu` (tiny widths, a few seconds per cell),
+which the test suite runs. Options override a preset's sizes.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, _fail, _int_list, bench_app, machine_info,
+                        overrides_per_model, plot_layers, ratios, run_decode, run_layers, run_models)
+
+
+@dataclass(frozen=True)
+class Preset:
+    layers: BenchConfig
+    lengths: tuple[int, ...]
+    kinds: tuple[str, ...]
+    model_sets: dict  # --set for the zoo models (each gets the names its file defines)
+    models: tuple[str, ...] = ("bst_sh_s4", "slide", "transformer")
+    batch: int = 1
+    steps: int = 3
+    repeats: int = 3
+    max_seconds: float = 20.0
+    decode_tokens: int = 64
+
+
+PRESETS = {
+    "paper": Preset(BenchConfig(d_model=1024, heads=8, window=512, batch=1), (4096, 8192, 16384, 32768),
+                    ("bst_sh_s4", "bst_mh_s4", "bst_mf_s4", "brt", "slide", "txl", "full"),
+                    {"seq_len": 4096}, max_seconds=5.0),
+    "cpu": Preset(BenchConfig(d_model=32, heads=2, window=16, batch=1, ssm_state=8, context_states=4), (64, 128),
+                  ("bst_sh_s4", "brt", "slide", "full"),
+                  {"d_model": 32, "heads": 2, "window": 16, "seq_len": 64, "groups": 1, "depth": 4, "mlp_hidden": 64,
+                   "ssm_state": 8}, steps=2, repeats=2, decode_tokens=8),
+}
+
+
+def _layers_markdown(results, lengths, rat) -> list[str]:
+    names = list(dict.fromkeys(r.candidate for r in results))
+    out = ["| layer | " + " | ".join(f"L = {L}" for L in lengths) + " |",
+           "|---|" + "---:|" * len(lengths)]
+    for n in names:
+        cells = []
+        for L in lengths:
+            r = next(x for x in results if x.candidate == n and x.length == L)
+            if not r.times_s:
+                cells.append("skipped")
+                continue
+            cell = f"{1e3 * r.median_s:.1f} ms"
+            if (n, L) in rat and n != REFERENCE:
+                cell += f" ({rat[(n, L)]:.2f}×)"
+            cells.append(cell + (" *" if r.skipped else ""))
+        out.append(f"| {CANDIDATES[n].label} | " + " | ".join(cells) + " |")
+    return out
+
+
+def _claim(rat, lengths) -> str:
+    """The paper's claim: BST-SH at least 10× faster than the BRT layer at L ≥ 8k."""
+    long = [(L, rat[("brt", L)]) for L in lengths if L >= 8192 and ("brt", L) in rat]
+    if not long:
+        return "BRT ÷ BST-SH at L ≥ 8192: not measured at these lengths."
+    held = all(r >= 10 for _, r in long)
+    cells = ", ".join(f"{r:.2f}× at {L}" for L, r in long)
+    return f"BRT ÷ BST-SH at L ≥ 8192: {cells} — the ≥ 10× claim {'holds' if held else 'does not hold'} here."
+
+
+def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
+    from bstc import zoo
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cfg, lengths = preset.layers, list(preset.lengths)
+    log("layers …")
+    results = run_layers(list(preset.kinds), lengths, cfg, preset.repeats, preset.max_seconds, log=log)
+    rat = ratios(results)
+    plot_layers(results, out_dir / "layers.png", f"one layer, forward + backward — D={cfg.d_model}, W={cfg.window}")
+    log("models …")
+    paths = [zoo.resolve(m) for m in preset.models]
+    ovs = overrides_per_model(paths, preset.model_sets)
+    models = run_models([str(p) for p in paths], ovs, preset.batch, preset.steps)
+    log("decoding …")
+    dec = run_decode(str(paths[0]), ovs[0], preset.decode_tokens, 1)
+    mach = machine_info()
+
+    md = [f"# bstc speed report — {mach['device']} ({mach['backend']})", "",
+          f"JAX {mach['jax']}, {mach['devices']} device(s), {mach['cpu_count']} CPU cores. Every table's candidates "
+          "ran interleaved in this one process; read the ratios.", "",
+          f"## One layer, forward + backward (D = {cfg.d_model}, H = {cfg.heads}, W = {cfg.window}, "
+          f"batch {cfg.batch}; × BST-SH)", "", *_layers_markdown(results, lengths, rat), "",
+          _claim(rat, lengths), "", "![layers](layers.png)", "",
+          f"## Training step (batch {preset.batch} × {models[0]['seq_len']} tokens; × {models[0]['model']})", "",
+          "| model | params | step | × first | tokens/s | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    for o in models:
+        md.append(f"| {o['model']} | {o['params'] / 1e6:.2f} M | {1e3 * o['step_s']:.1f} ms | "
+                  f"{o['ratio_vs_first']:.2f} | {o['tokens_per_s']:,.0f} | {100 * o['mfu']:.1f} % |")
+    md += ["", f"MFU = 3 × forward FLOPs/token (explain) × tokens/s ÷ the measured f32 matmul peak, "
+               f"{models[0]['matmul_peak_flops'] / 1e12:.3g} TFLOP/s.", "",
+           f"## Sampling ({dec['model']}, {dec['tokens']} tokens at seq_len {dec['seq_len']})", "",
+           "| decoding | ms / token |", "|---|---:|",
+           *(f"| {w} | {1e3 * t:.2f} |" for w, t in dec["s_per_token"].items()),
+           "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", ""]
+    (out_dir / "report.md").write_text("\n".join(md))
+    data = {"machine": mach, "preset": {"layers": vars(cfg), "lengths": lengths, "kinds": list(preset.kinds),
+                                        "models": list(preset.models), "model_sets": preset.model_sets},
+            "layers": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s, "median_s": r.median_s,
+                        "ratio_vs_reference": rat.get((r.candidate, r.length)), "skipped": r.skipped,
+                        "flops_per_token": r.flops_per_token} for r in results],
+            "models": models, "decode": dec}
+    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+    return data
+
+
+@bench_app.command("report")
+def report_cmd(
+    out: Path = typer.Option(Path("bench-report"), "--out", "-o", help="Directory for report.md, report.json, layers.png."),
+    preset: str = typer.Option("cpu", "--preset", help="Sizes: 'cpu' (tiny, seconds) or 'paper' (D 1024, H 8, "
+                               "W 512, L 4k–32k: one accelerator)."),
+    lengths: Optional[str] = typer.Option(None, "--lengths", help="Override the preset's sequence lengths."),
+    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Override the per-step time guard."),
+):
+    """One Markdown report of the speed claims: layers, training step with MFU, sampling."""
+    import dataclasses
+
+    if preset not in PRESETS:
+        _fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    if lengths is not None:
+        lens = _int_list(lengths, "--lengths")
+        bad = [L for L in lens if L % p.layers.window]
+        if bad:
+            _fail(f"every length must be a multiple of the window {p.layers.window}; {bad[0]} is not")
+        p = dataclasses.replace(p, lengths=tuple(lens))
+    if max_seconds is not None:
+        p = dataclasses.replace(p, max_seconds=max_seconds)
+    write_report(out, p, log=lambda s: typer.echo(s, err=True))
+    typer.echo(f"wrote {out / 'report.md'}")
