@@ -254,6 +254,8 @@ def parse(source, overrides=None) -> ir.Model:
     # A file that did not parse (or a YAML file with a structural error, e.g. a misspelt section
     # key) stops here: the passes would only report the consequences again.
     if tree is None or errors:
+        if tree is not None and tree.imports:
+            _note_uses(tree, file, errors)
         errors.raise_if_any()
         raise BstcError([Diagnostic(Span(file, 1, 1), "the model file could not be read")], {file: text})
     if tree.library:
@@ -269,10 +271,51 @@ def parse(source, overrides=None) -> ir.Model:
     shallow = res.dims is None
     dims = res.dims or Dims(vocab=1, d_model=1, heads=1, window=1, seq_len=1)
     model = check(tree.name, res.params, dims, ex, errors, file, text, mesh=mesh, shallow=shallow)
+    if errors and tree.imports:
+        _note_uses(tree, file, errors)
     errors.raise_if_any()
     if model is None:  # defensive: a failed pass must have said why
         raise BstcError([], {})
     return model
+
+
+def _note_uses(tree: ast.ModelDef, file: str, errors: Collector) -> None:
+    """When every error is in imported files (an imported block that does not check with this
+    model's parameters, say `mlp_hidden` missing), a note in the model file says where: at the
+    first use of each imported block with an error in its definition (the definition whose
+    name comes last before the error), else at the first import."""
+    if any(d.span is not None and d.span.file == file for d in errors.diagnostics):
+        return
+    uses: dict[str, Span] = {}
+
+    def walk(stmts):
+        for st in stmts:
+            if isinstance(st, ast.Use):
+                uses.setdefault(st.block, st.span)
+            elif isinstance(st, ast.Repeat):
+                walk(st.body)
+            elif isinstance(st, ast.Pattern):
+                walk([u for _, u, _ in st.bindings])
+            elif isinstance(st, ast.Place):
+                walk([st.use])
+
+    walk(tree.layers)
+    defs = sorted(((b.span.file, b.span.line, b.span.col), b.name) for b in tree.blocks
+                  if b.span is not None and b.span.file != file)
+    notes: dict[str, tuple] = {}
+    for d in errors.diagnostics:
+        if d.span is None or d.span.file == file:
+            continue
+        where = (d.span.file, d.span.line, d.span.col)
+        owner = [name for pos, name in defs if pos[0] == where[0] and pos <= where]
+        if owner and owner[-1] in uses and uses[owner[-1]] is not None:
+            notes.setdefault(owner[-1], (uses[owner[-1]], d.span))
+    if not notes and tree.imports[0].span is not None:
+        first = next(d.span for d in errors.diagnostics if d.span is not None)
+        errors.diagnostics.append(Diagnostic(tree.imports[0].span, "the errors are in the imported files",
+                                             f"the first is at {first}", "note"))
+    for name, (use, err) in notes.items():
+        errors.diagnostics.append(Diagnostic(use, f"block '{name}' is used here", f"its error is at {err}", "note"))
 
 
 def check_library(source) -> ast.ModelDef:

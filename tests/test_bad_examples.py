@@ -8,6 +8,9 @@ diagnostic, in the order bstc reports them, as (where, message, hint):
   (line i is the i-th override, shown as `name=value`);
 * hint: the exact `= help:` text, or None where bstc gives none.
 
+A diagnostic may be a note (`file:line:col: note: ...`): where every error is in an imported
+file, a note in the model file says where the imported block is used.
+
 Rows whose id starts with `yaml-` are YAML model files; `overrides` rows pass `--set` values;
 `files` rows write more files beside the model (libraries it imports): a place in one of them is
 "FILE:LINE:COL", and the test directory is left out of places and hints.
@@ -1060,6 +1063,7 @@ CASES = [
          ("b.bst:1:8", "import cycle: a.bst -> b.bst -> a.bst",
           "a.bst imports b.bst at a.bst:1:8: a library cannot import a file that imports it; "
           "move what both need into a third library"),
+         ("1:8", "the errors are in the imported files", "the first is at b.bst:1:8"),
          files={"a.bst": """
              import "b.bst"
              library a {
@@ -1137,6 +1141,7 @@ CASES = [
         """,
          ("b.bst:2:9", "block 'local' is defined twice",
           "first defined at a.bst:2:9; a name may be defined in one file only: rename or remove one"),
+         ("5:19", "block 'local' is used here", "its error is at b.bst:2:9"),
          files={"a.bst": """
              library a {
                block local { attn = block_attention(window: window) }
@@ -1218,15 +1223,18 @@ def test_bad_example(c: Case, tmp_path):
     # caret under the reported column when it points into the model file.
     text = err.render()
     for d in err.diagnostics:
-        assert f"{d.span}: error: {d.message}" in text
+        assert f"{d.span}: {d.severity}: {d.message}" in text
         if d.span.file == str(path):
             src = c.text.splitlines()[d.span.line - 1]
             assert f"{d.span.line} | {src}" in text
             assert re.search(rf"^ *\| {' ' * (d.span.col - 1)}\^", text, re.M)
         if d.hint:
             assert f"= help: {d.hint}" in text
-    if len(err.diagnostics) > 1:
-        assert text.endswith(f"found {len(err.diagnostics)} errors")
+    n = sum(d.severity == "error" for d in err.diagnostics)
+    if n > 1:
+        assert text.endswith(f"found {n} errors")
+    else:
+        assert "found" not in text.splitlines()[-1]  # notes are not counted
 
 
 

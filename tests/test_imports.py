@@ -223,3 +223,20 @@ def test_a_bundle_keeps_a_one_line_model_and_library_parameters(tmp_path):
     text = bundle(str(m))
     assert bstc.parse(text) == bstc.parse(str(m))
     assert bstc.parse(text, overrides={"hidden": 32}) == bstc.parse(str(m), overrides={"hidden": 32})
+
+
+def test_an_error_only_in_a_library_gets_a_note_where_the_model_uses_it(tmp_path):
+    """A model whose parameters an imported block cannot use (here `mlp_hidden` is misspelt):
+    the errors are in the library's text, and a note in the model file shows each use."""
+    m = tmp_path / "m.bst"
+    m.write_text((zoo.models_dir() / "bst_sh_s4.bst").read_text().replace("mlp_hidden = 4", "mlp_hiddn = 4"))
+    with pytest.raises(BstcError) as info:
+        bstc.parse(str(m))
+    errs = [d for d in info.value.diagnostics if d.severity == "error"]
+    notes = [d for d in info.value.diagnostics if d.severity == "note"]
+    assert {Path(d.span.file).name for d in errs} == {"blocks.bst", "s4_blocks.bst"}
+    assert all("did you mean 'mlp_hiddn'?" in d.hint for d in errs)
+    assert [(n.message, n.span.file) for n in notes] == [("block 'local' is used here", str(m)),
+                                                          ("block 'bst' is used here", str(m))]
+    text = info.value.render()
+    assert "note: block 'local' is used here" in text and text.endswith("found 2 errors")
