@@ -123,6 +123,8 @@ def explain(
     from bstc.passes.report import build_report
 
     if sweep_:
+        if ir_ or mesh is not None:
+            raise typer.BadParameter("--sweep prints one row per point: give --ir or --mesh without it")
         _explain_sweep(file, parse_sets(set_), sweep_, batch, as_json)
         return
     m = bstc.parse(file, overrides=parse_sets(set_))

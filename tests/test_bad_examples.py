@@ -1164,7 +1164,8 @@ CASES = [
           layers { embed; local; head tied }
         }
         """,
-         ("3:3", "unexpected 'layers'", "expected a name, 'block', ';', '}'")),
+         ("3:3", "unexpected 'layers'",
+          "a library holds parameters and blocks; the stack belongs to the models that import it")),
     case("yaml-import-missing-file", """
         imports: [nope.yaml]
         model: m

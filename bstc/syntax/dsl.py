@@ -374,6 +374,9 @@ def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
                 hint = f"expected {_expected_list(expected, p)}"
                 if expected and set(expected) <= {"$END", "<END-OF-FILE>"}:
                     hint = "nothing may follow the model's closing '}'"
+                elif tok.type in ("LAYERS", "MESH", "RULES") and "BLOCK" in expected and tok.type not in expected:
+                    # `layers { ... }` inside `library NAME { ... }`
+                    hint = "a library holds parameters and blocks; the stack belongs to the models that import it"
                 elif prev is not None and prev.type in ("NORM", "HEAD"):
                     hint = _BUILTIN_HINTS[prev.type]
                 elif prev is not None and prev.type != "NAME" and str(prev) in KEYWORDS and "NAME" in expected:
