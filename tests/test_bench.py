@@ -205,3 +205,15 @@ def test_bench_report_writes_markdown_json_and_plot(tmp_path):
     assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     r = CliRunner().invoke(app, ["bench", "report", "--preset", "gpu"])
     assert r.exit_code == 2 and "unknown preset" in r.output
+
+
+@pytest.mark.slow  # five compiles of a training step
+def test_bench_compile_keeps_the_fastest_of_its_repeats():
+    from bstc.bench import run_compile
+
+    path = zoo.resolve("bst_sh_s4")
+    ov = {k: v for k, v in tiny_overrides(path).items() if k != "groups"}
+    rows = run_compile(str(path), [1], ov, repeats=2)
+    assert [(r["groups"], r["scan"]) for r in rows] == [(1, True), (1, False)]
+    for r in rows:
+        assert len(r["train_s_all"]) == 2 and r["compile_train_s"] == min(r["train_s_all"]) > 0
