@@ -284,7 +284,12 @@ def _note_uses(tree: ast.ModelDef, file: str, errors: Collector) -> None:
     model's parameters, say `mlp_hidden` missing), a note in the model file says where: at the
     first use of each imported block with an error in its definition (the definition whose
     name comes last before the error), else at the first import."""
+    from bstc.passes.resolve import SET_FILE
+
     if any(d.span is not None and d.span.file == file for d in errors.diagnostics):
+        return
+    imported = [d for d in errors.diagnostics if d.span is not None and d.span.file != SET_FILE]
+    if not imported:  # an override's problem is shown in <--set>
         return
     uses: dict[str, Span] = {}
 
@@ -303,15 +308,13 @@ def _note_uses(tree: ast.ModelDef, file: str, errors: Collector) -> None:
     defs = sorted(((b.span.file, b.span.line, b.span.col), b.name) for b in tree.blocks
                   if b.span is not None and b.span.file != file)
     notes: dict[str, tuple] = {}
-    for d in errors.diagnostics:
-        if d.span is None or d.span.file == file:
-            continue
+    for d in imported:
         where = (d.span.file, d.span.line, d.span.col)
         owner = [name for pos, name in defs if pos[0] == where[0] and pos <= where]
         if owner and owner[-1] in uses and uses[owner[-1]] is not None:
             notes.setdefault(owner[-1], (uses[owner[-1]], d.span))
     if not notes and tree.imports[0].span is not None:
-        first = next(d.span for d in errors.diagnostics if d.span is not None)
+        first = imported[0].span
         errors.diagnostics.append(Diagnostic(tree.imports[0].span, "the errors are in the imported files",
                                              f"the first is at {first}", "note"))
     for name, (use, err) in notes.items():

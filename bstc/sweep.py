@@ -84,9 +84,10 @@ def first_error(e: BaseException) -> str:
     """One line for a failed point: a model-file error's first diagnostic, or the message."""
     from bstc.errors import BstcError
 
-    if isinstance(e, BstcError) and e.diagnostics:
-        d = e.diagnostics[0]
-        more = f" (+{len(e.diagnostics) - 1} more)" if len(e.diagnostics) > 1 else ""
+    errs = [d for d in getattr(e, "diagnostics", None) or [] if d.severity == "error"]
+    if isinstance(e, BstcError) and errs:
+        d = errs[0]
+        more = f" (+{len(errs) - 1} more)" if len(errs) > 1 else ""
         # a point's own values are `--set` lines: the message names them, the place would not help
         return f"{d.span}: {d.message}{more}" if d.span and d.span.file != "<--set>" else d.message + more
     return str(e).splitlines()[0] if str(e) else type(e).__name__

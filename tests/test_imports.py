@@ -240,3 +240,10 @@ def test_an_error_only_in_a_library_gets_a_note_where_the_model_uses_it(tmp_path
                                                           ("block 'bst' is used here", str(m))]
     text = info.value.render()
     assert "note: block 'local' is used here" in text and text.endswith("found 2 errors")
+
+
+def test_an_override_error_gets_no_note(tmp_path):
+    """A bad --set is shown in <--set>; the imports have nothing to do with it."""
+    with pytest.raises(BstcError) as info:
+        bstc.parse("bst_sh_s4", overrides={"d_model": "34"})
+    assert [(d.span.file, d.severity) for d in info.value.diagnostics] == [("<--set>", "error")]
