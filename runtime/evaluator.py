@@ -23,13 +23,11 @@ from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import CheckpointError, UsageError
 from bstc.runtime.metrics import bits_per_byte
 from bstc.runtime.model import ModelSpec, spec_from_file
+from bstc.runtime.rundir import RunFiles
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, dict[str, Any]]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "config.yaml").is_file() or not (run_dir / "run.json").is_file():
-        raise UsageError(f"'{run_dir}' is not a bstc run directory (no config.yaml / run.json)")
-    return RunConfig.load(run_dir / "config.yaml"), json.loads((run_dir / "run.json").read_text())
+    return RunFiles(run_dir).read()
 
 
 def spec_of_run(run_dir: Path, info: dict[str, Any]) -> ModelSpec:
@@ -44,7 +42,7 @@ def load_model(run_dir: Path, spec: ModelSpec | None = None, step: int | None = 
 
     cfg, info = load_run(run_dir)
     spec = spec or spec_of_run(run_dir, info)
-    ckpt = Checkpointer(Path(run_dir) / "checkpoints", keep=cfg.keep)
+    ckpt = Checkpointer(RunFiles(run_dir).checkpoints, keep=cfg.keep)
     try:
         if not ckpt.steps():
             raise CheckpointError(f"run '{run_dir}' has no checkpoint yet")
@@ -132,7 +130,7 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
             curves[L] = dict(positions=[float(np.sqrt(max(a, 1) * b)) for a, b in bins],
                              loss=[float(per[a:b].mean()) for a, b in bins],
                              per_position=[round(float(x), 5) for x in per])
-    out_dir = Path(out_dir or run_dir / "eval")
+    out_dir = Path(out_dir or RunFiles(run_dir).eval_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval-{split}.json").write_text(json.dumps(results, indent=2) + "\n")
     if curves:

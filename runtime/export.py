@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from bstc.runtime.errors import UsageError
+from bstc.runtime.rundir import RunFiles
 
 
 def _value_text(v: Any) -> str:
@@ -97,11 +98,9 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, say=print) -> 
         model, at, _cfg, spec = load_model(run_dir, step=step)
         meta = dict(model=spec.name, fingerprint=want, step=str(at), vocab=str(spec.vocab),
                     seq_len=str(spec.seq_len), overrides=overrides, model_file=model_out.name)
-        from bstc.runtime.tokenizer import RUN_FILES
-
-        tok = next((run_dir / n for n in RUN_FILES if (run_dir / n).is_file()), run_dir / RUN_FILES[0])
+        tok = RunFiles(run_dir).saved_tokenizer()
         written = {}
-        if tok.is_file():
+        if tok is not None:
             tok_out = out.with_name(out.stem + "." + tok.name)
             shutil.copyfile(tok, tok_out)
             meta["tokenizer"] = tok_out.name

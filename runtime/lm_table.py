@@ -26,6 +26,7 @@ from typing import Any
 
 from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import UsageError
+from bstc.runtime.rundir import RunFiles
 
 # The rows of the paper's Table 1, in its order, plus the SH context over the block's own
 # window (the paper's appendix) and a BST whose context source is a selective SSM; a model
@@ -166,7 +167,7 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     overrides, n = match_size(path, scale, target)
     cfg = run_config(scale, path, overrides, seed)
     spec = spec_from_file(path, overrides)
-    resume = (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir())
+    resume = RunFiles(run_dir).has_checkpoints()
     t0 = time.perf_counter()
     train(cfg, run_dir, spec, resume=resume, progress=progress, plot=True, tensorboard=False)
     train_s = time.perf_counter() - t0

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
 
+from bstc.runtime.rundir import RunFiles
+
 LN2 = math.log(2.0)
 
 
@@ -23,7 +25,7 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float = 1.0) -> float:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
+    path = RunFiles(run_dir).metrics
     if not path.is_file():
         return []
     out = []
@@ -92,8 +94,8 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, start_step: int = 0, tensorboard: bool = True, warn=None,
                  trackers: list | None = None):
         self.trackers = list(trackers or [])  # e.g. WandbTracker: .log(record), .close()
-        self.path = Path(run_dir) / "metrics.jsonl"
-        self.tb_dir = Path(run_dir) / "tb"
+        self.path = RunFiles(run_dir).metrics
+        self.tb_dir = RunFiles(run_dir).tensorboard
         self._records: list[dict[str, Any]] = []
         if self.path.exists():
             self._records = [r for r in read_metrics(run_dir) if r.get("step", 0) <= start_step]

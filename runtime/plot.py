@@ -12,6 +12,7 @@ import numpy as np  # noqa: E402
 
 from bstc.runtime.errors import UsageError  # noqa: E402
 from bstc.runtime.metrics import read_metrics  # noqa: E402
+from bstc.runtime.rundir import RunFiles  # noqa: E402
 
 
 def _smooth(y: np.ndarray, n: int) -> np.ndarray:
@@ -47,7 +48,7 @@ def plot_losses(run_dir: Path, out: Path | None = None) -> Path:
     sec = ax.secondary_yaxis("right", functions=(lambda x: x / np.log(2), lambda b: b * np.log(2)))
     sec.set_ylabel("bits / byte")
     fig.tight_layout()
-    out = Path(out) if out else run_dir / "loss.png"
+    out = Path(out) if out else RunFiles(run_dir).loss_plot
     fig.savefig(out)
     plt.close(fig)
     return out

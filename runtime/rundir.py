@@ -1,18 +1,84 @@
-"""The run directory's lock: one `bstc train` at a time per directory.
+"""The run directory: its layout (`RunFiles`, the one place that knows each file's name) and
+its lock (one `bstc train` at a time per directory).
 
 The lock is an advisory `flock` on `<run>/.lock`, which the kernel releases when its holder
 exits, however it exits — so a run killed with SIGKILL leaves a lock file that the next run
 finds unlocked and simply takes over (the file's pid is only used in messages)."""
 from __future__ import annotations
 
+import datetime as _dt
 import fcntl
+import json
 import os
+import shutil
 import socket
 from pathlib import Path
+from typing import Any
 
 from bstc.runtime.errors import UsageError
 
 LOCK_NAME = ".lock"
+
+
+class RunFiles:
+    """Where everything of a run lives. Every reader and writer of a run directory (trainer,
+    evaluator, export, plots, metrics, the CLI) takes its paths from here."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    config = property(lambda self: self.root / "config.yaml")   # the RunConfig
+    info = property(lambda self: self.root / "run.json")        # model name, file, overrides, fingerprint
+    checkpoints = property(lambda self: self.root / "checkpoints")
+    set_aside = property(lambda self: self.root / "checkpoints.set-aside")  # newer ones moved away on resume
+    metrics = property(lambda self: self.root / "metrics.jsonl")
+    tensorboard = property(lambda self: self.root / "tb")
+    loss_plot = property(lambda self: self.root / "loss.png")
+    eval_dir = property(lambda self: self.root / "eval")
+    lock = property(lambda self: self.root / LOCK_NAME)
+
+    def model_file(self, suffix: str = ".bst") -> Path:
+        """The run's own copy of its model file."""
+        return self.root / ("model" + (suffix or ".bst"))
+
+    def tokenizer(self, kind: str = "huggingface") -> Path:
+        """Where the run keeps its copy of a tokenizer (kind: huggingface | sentencepiece)."""
+        return self.root / ("tokenizer.json" if kind == "huggingface" else "tokenizer.model")
+
+    def saved_tokenizer(self) -> Path | None:
+        """The run's tokenizer copy, if it has one (a byte-level run has none)."""
+        return next((p for p in (self.tokenizer("huggingface"), self.tokenizer("sentencepiece")) if p.is_file()), None)
+
+    def is_run(self) -> bool:
+        return self.config.is_file() and self.info.is_file()
+
+    def has_checkpoints(self) -> bool:
+        return self.checkpoints.is_dir() and any(self.checkpoints.iterdir())
+
+    def read(self):
+        """(RunConfig, run.json's dict) of a finished or interrupted run; a one-line error for
+        a directory that is not a run."""
+        from bstc.runtime.config import RunConfig
+
+        if not self.is_run():
+            raise UsageError(f"'{self.root}' is not a bstc run directory (no config.yaml / run.json)")
+        return RunConfig.load(self.config), json.loads(self.info.read_text())
+
+    def write(self, cfg, spec) -> None:
+        """The run's config, a copy of its model file and run.json (a ModelSpec's name, file,
+        overrides, fingerprint and sizes)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        cfg.save(self.config)
+        model_file = None
+        if spec.file is not None:
+            copy = self.model_file(spec.file.suffix)
+            model_file = copy.name
+            if spec.file.resolve() != copy.resolve():
+                shutil.copyfile(spec.file, copy)
+        info: dict[str, Any] = dict(model=spec.name, model_file=model_file, overrides=spec.overrides,
+                                    fingerprint=spec.fingerprint, vocab=spec.vocab, seq_len=spec.seq_len,
+                                    window=spec.window, created=_dt.datetime.now().isoformat(timespec="seconds"))
+        self.info.write_text(json.dumps(info, indent=2) + "\n")
 
 
 def check_run_dir(run_dir: Path) -> None:
@@ -32,7 +98,7 @@ def check_run_dir(run_dir: Path) -> None:
 
 class RunLock:
     def __init__(self, run_dir: Path):
-        self.path = Path(run_dir) / LOCK_NAME
+        self.path = RunFiles(run_dir).lock
         self._fd: int | None = None
 
     def __enter__(self) -> "RunLock":

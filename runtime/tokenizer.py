@@ -28,7 +28,6 @@ import numpy as np
 from bstc.runtime.errors import DataError, UsageError
 
 EOS_NAMES = ("<|endoftext|>", "</s>", "<eos>", "<|end_of_text|>", "[SEP]")
-RUN_FILES = ("tokenizer.json", "tokenizer.model")  # the copy kept in a run directory
 
 
 class Tokenizer:
@@ -163,18 +162,19 @@ def load_tokenizer(path) -> Tokenizer:
 
 def run_tokenizer(run_dir: Path, vocab: int = 256) -> Tokenizer:
     """The tokenizer a run was trained with: its saved copy, or bytes."""
-    for name in RUN_FILES:
-        if (Path(run_dir) / name).is_file():
-            return load_tokenizer(Path(run_dir) / name)
-    return Tokenizer(vocab)
+    from bstc.runtime.rundir import RunFiles
+
+    saved = RunFiles(run_dir).saved_tokenizer()
+    return load_tokenizer(saved) if saved is not None else Tokenizer(vocab)
 
 
 def save_to_run(tok: Tokenizer, run_dir: Path) -> Path | None:
     """Copy a tokenizer file into the run directory (tokenizer.json / tokenizer.model)."""
     if tok.path is None:
         return None
-    name = RUN_FILES[0] if tok.kind == "huggingface" else RUN_FILES[1]
-    dest = Path(run_dir) / name
+    from bstc.runtime.rundir import RunFiles
+
+    dest = RunFiles(run_dir).tokenizer(tok.kind)
     if not dest.exists() or dest.resolve() != tok.path.resolve():
         dest.write_bytes(tok.path.read_bytes())
     return dest

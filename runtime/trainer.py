@@ -9,10 +9,7 @@ switches.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-import shutil
 import signal
 import sys
 import threading
@@ -33,7 +30,7 @@ from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
 from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, check_tracker, measure_matmul_peak
 from bstc.runtime.model import ModelSpec
-from bstc.runtime.rundir import RunLock
+from bstc.runtime.rundir import RunFiles, RunLock
 from bstc.runtime.step import compiled_step, evaluate_batches, init_state
 from bstc.runtime.tokenizer import save_to_run
 
@@ -94,20 +91,6 @@ def run_tokenizer_of(cfg: RunConfig, run_dir: Path, resume: bool):
 
     saved = run_tokenizer(run_dir) if resume else None
     return saved if saved is not None and saved.kind != "bytes" else load_tokenizer(cfg.tokenizer)
-
-
-def write_run_files(run_dir: Path, cfg: RunConfig, spec: ModelSpec) -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
-    model_file = None
-    if spec.file is not None:
-        model_file = "model" + (spec.file.suffix or ".bst")
-        if spec.file.resolve() != (run_dir / model_file).resolve():
-            shutil.copyfile(spec.file, run_dir / model_file)
-    info = dict(model=spec.name, model_file=model_file, overrides=spec.overrides,
-                fingerprint=spec.fingerprint, vocab=spec.vocab, seq_len=spec.seq_len,
-                window=spec.window, created=_dt.datetime.now().isoformat(timespec="seconds"))
-    (run_dir / "run.json").write_text(json.dumps(info, indent=2) + "\n")
 
 
 class StopRun(Exception):
@@ -232,8 +215,9 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     seq_len = cfg.seq_len or spec.seq_len
     if not seq_len:
         raise UsageError("the sequence length is unknown: the model has no seq_len; pass --seq-len")
-    ckpt_dir = run_dir / "checkpoints"
-    if not resume and ckpt_dir.is_dir() and any(ckpt_dir.iterdir()):
+    files = RunFiles(run_dir)
+    ckpt_dir = files.checkpoints
+    if not resume and files.has_checkpoints():
         raise UsageError(f"{run_dir} already has checkpoints: pass --resume to continue that run, "
                          "or choose another -o")
 
@@ -270,13 +254,13 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
             start, state = ckpt.restore_readable(state, data_iter, spec.fingerprint, step=resume_step, say=say)
             # Newer checkpoints (unreadable ones, or past the chosen step) are kept, not
             # deleted, but out of the way: this run saves those steps again.
-            moved = ckpt.set_aside(start, run_dir / "checkpoints.set-aside")
+            moved = ckpt.set_aside(start, files.set_aside)
         except BaseException:
             ckpt.close()
             raise
         if moved:
-            say(f"moved checkpoints {moved} to {run_dir / 'checkpoints.set-aside'}; resuming at step {start}")
-    write_run_files(run_dir, cfg, spec)  # only now: a refused resume leaves the run as it was
+            say(f"moved checkpoints {moved} to {files.set_aside}; resuming at step {start}")
+    files.write(cfg, spec)  # only now: a refused resume leaves the run as it was
     if tok is not None:
         save_to_run(tok, run_dir)  # eval and sample decode through the run's own copy
     bpt_train = getattr(train_src, "bytes_per_token", 1.0)
@@ -363,6 +347,6 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
                 plot_losses(run_dir)
             except Exception:  # noqa: BLE001 - a plot must never hide the run's real outcome
                 pass
-    bar.print(f"done: step {run.result.step} · checkpoints in {ckpt_dir} · loss curve {run_dir / 'loss.png'}\n"
+    bar.print(f"done: step {run.result.step} · checkpoints in {ckpt_dir} · loss curve {files.loss_plot}\n"
               f"next: bstc eval {run_dir}")
     return run.result

@@ -21,7 +21,7 @@ from bstc.runtime.evaluator import load_model
 from bstc.runtime.export import resolved_model_text
 from bstc.runtime.model import spec_from_file
 from bstc.runtime.step import init_state, make_optimizer
-from bstc.runtime.trainer import write_run_files
+from bstc.runtime.rundir import RunFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -69,7 +69,7 @@ def run(tmp_path_factory):
     state = eqx.tree_at(lambda s: s.model, state,
                         eqx.combine(jax.tree.unflatten(treedef, noisy), eqx.filter(state.model, eqx.is_inexact_array,
                                                                                    inverse=True)))
-    write_run_files(d / "run", cfg, spec)
+    RunFiles(d / "run").write(cfg, spec)
     ck = Checkpointer(d / "run" / "checkpoints")
     ck.save(2, state, None, dict(fingerprint=spec.fingerprint, seq_len=32))
     ck.close()
