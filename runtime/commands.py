@@ -61,13 +61,17 @@ def _errors(fn):
 
 def _latest_run(root: Path = Path("runs")) -> Path:
     """The most recent run directory under ./runs (for `bstc eval` / `--resume` without a path)."""
-    runs = [p for p in root.glob("*") if (p / "config.yaml").is_file()] if root.is_dir() else []
+    from bstc.runtime.rundir import RunFiles
+
+    runs = [RunFiles(p) for p in root.glob("*")] if root.is_dir() else []
+    runs = [r for r in runs if r.config.is_file()]
     if not runs:
         raise UsageError("no run directory given and none found under ./runs")
-    def touched(p: Path) -> float:
-        return max(f.stat().st_mtime for f in (p / "config.yaml", p / "metrics.jsonl") if f.exists())
 
-    return max(runs, key=touched)
+    def touched(r) -> float:
+        return max(f.stat().st_mtime for f in (r.config, r.metrics) if f.exists())
+
+    return max(runs, key=touched).root
 
 
 @_errors
@@ -150,14 +154,20 @@ def train(
 
         check_run_dir(output)
     if resume:
+        from bstc.runtime.rundir import RunFiles
+
         run_dir = output or _latest_run()
-        if not (run_dir / "config.yaml").is_file():
-            raise UsageError(f"--resume: '{run_dir}' is not a run directory (no config.yaml)")
-        cfg = RunConfig.load(run_dir / "config.yaml")
+        files = RunFiles(run_dir)
+        if not files.is_run():
+            raise UsageError(f"--resume: '{run_dir}' is not a bstc run directory (no config.yaml / run.json)")
+        cfg, info = files.read()  # the run's config and run.json, read once
         if config is not None:
             raise UsageError("--resume uses the run's own config.yaml; drop --config")
-        model_path = run_dir / next(p.name for p in run_dir.glob("model.*"))
-        _refuse_changes_on_resume(run_dir, cfg, flags, sets)
+        if not info.get("model_file"):
+            raise UsageError(f"--resume: run '{run_dir}' has no saved model file")
+        model_path = run_dir / info["model_file"]
+        saved_overrides = info.get("overrides") or {}
+        _refuse_changes_on_resume(cfg, saved_overrides, flags, sets)
     else:
         cfg = RunConfig.load(config) if config is not None else RunConfig()
         model_path = None
@@ -191,9 +201,7 @@ def train(
 
             overrides = tokenizer_vocab(overrides, cfg.set, load_tokenizer(cfg.tokenizer))
     else:
-        import json
-
-        overrides = {**json.loads((run_dir / "run.json").read_text()).get("overrides", {}), **sets}
+        overrides = {**saved_overrides, **sets}
     spec = spec_from_file(model_path, overrides)
     import jax
 
@@ -226,16 +234,15 @@ _FIXED_ON_RESUME = ("model", "data", "text_field", "tokenizer", "task", "seq_len
                     "preset", "seed")
 
 
-def _refuse_changes_on_resume(run_dir: Path, cfg, flags: dict, sets: dict) -> None:
-    import json
-
+def _refuse_changes_on_resume(cfg, saved: dict, flags: dict, sets: dict) -> None:
+    """A resumed run keeps its model and data: flags and --set values that would change them
+    are refused by name. `saved`: the run's overrides (run.json)."""
     for name in _FIXED_ON_RESUME:
         given = flags.get(name)
         if given is not None and given != getattr(cfg, name):
             flag = "the model" if name == "model" else f"--{name.replace('_', '-')}"
             raise UsageError(f"--resume: {flag} {given} differs from the run's {getattr(cfg, name)}; a resumed run "
                              "keeps it: drop the flag, or start a new run with another -o")
-    saved = json.loads((run_dir / "run.json").read_text()).get("overrides", {}) if (run_dir / "run.json").is_file() else {}
     changed = [f"{k}={v} (the run has {saved[k] if k in saved else 'the file value'})"
                for k, v in sets.items() if str(saved.get(k)) != str(v)]
     if changed:

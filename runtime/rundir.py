@@ -74,7 +74,15 @@ class RunFiles:
             copy = self.model_file(spec.file.suffix)
             model_file = copy.name
             if spec.file.resolve() != copy.resolve():
-                shutil.copyfile(spec.file, copy)
+                # A model that imports block libraries is kept as one self-contained file (the
+                # same IR), so the run rebuilds it however the libraries later move or change.
+                from bstc.frontend import bundle
+
+                text = bundle(spec.file)
+                if text is not None:
+                    copy.write_text(text)
+                else:
+                    shutil.copyfile(spec.file, copy)
         info: dict[str, Any] = dict(model=spec.name, model_file=model_file, overrides=spec.overrides,
                                     fingerprint=spec.fingerprint, vocab=spec.vocab, seq_len=spec.seq_len,
                                     window=spec.window, created=_dt.datetime.now().isoformat(timespec="seconds"))

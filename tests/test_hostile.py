@@ -308,19 +308,17 @@ def test_bad_run_settings_are_one_line(settings_, message):
     assert RunConfig.from_dict({"lr": "1e-3"}).lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
 
 
-def test_resume_refuses_another_seed_or_model_setting_by_name(tmp_path):
-    import json
-
+def test_resume_refuses_another_seed_or_model_setting_by_name():
     from bstc.runtime.commands import _refuse_changes_on_resume
     from bstc.runtime.config import RunConfig
 
-    (tmp_path / "run.json").write_text(json.dumps({"overrides": {"d_model": 128}}))
+    saved = {"d_model": 128}  # the run's overrides (run.json)
     c = RunConfig(seed=0)
     with pytest.raises(UsageError, match="--seed 1 differs from the run's 0"):
-        _refuse_changes_on_resume(tmp_path, c, {"seed": 1}, {})
+        _refuse_changes_on_resume(c, saved, {"seed": 1}, {})
     with pytest.raises(UsageError, match=r"--set d_model=64 \(the run has 128\) would change the model"):
-        _refuse_changes_on_resume(tmp_path, c, {}, {"d_model": "64"})
-    _refuse_changes_on_resume(tmp_path, c, {"seed": 0, "steps": 900}, {"d_model": "128"})  # same: fine
+        _refuse_changes_on_resume(c, saved, {}, {"d_model": "64"})
+    _refuse_changes_on_resume(c, saved, {"seed": 0, "steps": 900}, {"d_model": "128"})  # same: fine
 
 
 # ---- 13: checker messages and rules ---------------------------------------------------------

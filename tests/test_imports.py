@@ -247,3 +247,26 @@ def test_an_override_error_gets_no_note(tmp_path):
     with pytest.raises(BstcError) as info:
         bstc.parse("bst_sh_s4", overrides={"d_model": "34"})
     assert [(d.span.file, d.severity) for d in info.value.diagnostics] == [("<--set>", "error")]
+
+
+def test_a_run_directory_keeps_an_importing_model_whole(tmp_path):
+    """The run's copy of a model that imports a library by a relative path is the bundle: the
+    run rebuilds the same model after the library has moved away."""
+    from bstc.runtime.model import spec_from_file
+    from bstc.runtime.config import RunConfig
+    from bstc.runtime.rundir import RunFiles
+
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "lib" / "mine.bst").write_text(
+        'import "blocks"\nlibrary mine {\n  state = 8\n'
+        '  block bst(context = sh) { ssm = s4d(state: state); '
+        'attn = block_attention(window: window, context: ssm -> context) }\n}\n')
+    m = tmp_path / "m.bst"
+    m.write_text(MODEL.format(imports='import "lib/mine.bst"'))
+    spec = spec_from_file(m, {"state": "4"})
+    run = RunFiles(tmp_path / "run")
+    run.write(RunConfig(), spec)
+    shutil.rmtree(tmp_path / "lib")
+    _, info = run.read()
+    again = spec_from_file(run.root / info["model_file"], info["overrides"])
+    assert again.fingerprint == spec.fingerprint and again.model_ir == spec.model_ir
