@@ -129,11 +129,12 @@ class Block(eqx.Module):
 
 
 # The fewest repetitions run by lax.scan. Fewer run as a Python loop over the same stacked
-# weights: a scan of two compiles slower than the two units unrolled (a 4-layer stack whose two
-# trailing blocks were a scan of length 2: 7.6 s against 5.4 s unrolled; docs/benchmarks.md,
-# "Compile time against depth"). The weights' layout, and so checkpoints and sharding, do not
-# depend on it.
-SCAN_MIN_COUNT = 3
+# weights, which compiles like the blocks unrolled: a scan's loop costs a fixed compile time
+# that only pays off from about five repetitions (the zoo's 4-block unit, AdamW step, CPU: a
+# scan of 3 compiled 1.5x slower than unrolled, 4: 1.15x, 5: the same, 6: 0.8x;
+# docs/benchmarks.md, "Compile time against depth"). The weights' layout, and so checkpoints
+# and sharding, do not depend on it.
+SCAN_MIN_COUNT = 5
 
 
 class Scanned(eqx.Module):

@@ -79,10 +79,11 @@ def test_zoo_gradient_step_reduces_loss(path):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-@pytest.mark.parametrize("groups", [2, 3])  # a short stack runs as a loop over the stacked weights; 3: lax.scan
-def test_scan_equals_unrolled(groups):
+def test_scan_equals_unrolled():
+    """A unit repeated fewer than SCAN_MIN_COUNT times runs as a loop over its stacked weights;
+    test_lax_scan_equals_unrolled covers the scan itself."""
     path = zoo.resolve("bst_sh_s4")
-    m = bstc.parse(path, overrides=tiny_overrides(path, groups=groups))
+    m = bstc.parse(path, overrides=tiny_overrides(path, groups=2))
     a = lower(m, key=jax.random.key(4), scan=True)
     b = lower(m, key=jax.random.key(4), scan=False)
     assert any(isinstance(s, Scanned) for s in a.stages)
@@ -133,6 +134,17 @@ def _compile_seconds(depth: int) -> float:
     t0 = time.perf_counter()
     jax.jit(forward).lower(params, toks).compile()
     return time.perf_counter() - t0
+
+
+def test_lax_scan_equals_unrolled():
+    from bstc.lower import SCAN_MIN_COUNT
+
+    m = bstc.parse(DEPTH_MODEL, overrides={"depth": SCAN_MIN_COUNT})
+    a, b = (lower(m, key=jax.random.key(4), scan=s) for s in (True, False))
+    assert isinstance(a.stages[0], Scanned) and a.stages[0].count == SCAN_MIN_COUNT
+    toks = _tokens(m)
+    forward = eqx.filter_jit(lambda model, t: model(t))
+    np.testing.assert_allclose(np.asarray(forward(a, toks)), np.asarray(forward(b, toks)), rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.slow
