@@ -386,8 +386,9 @@ def _int_list(s: str, what: str) -> list[int]:
 
 
 def _fail(msg: str) -> None:
-    typer.echo(f"bstc: error: {msg}", err=True)
-    raise typer.Exit(2)
+    from bstc.cli.errors import fail
+
+    fail(msg)
 
 
 @bench_app.command("layers")
@@ -498,7 +499,8 @@ def model_cmd(
     from rich.table import Table
 
     from bstc import zoo
-    from bstc.commands import cli_errors, parse_sets
+    from bstc.cli.compiler import parse_sets
+    from bstc.cli.errors import command as cli_errors
 
     paths = []
     for name in models:
@@ -566,7 +568,8 @@ def compile_cmd(
     from rich.console import Console
     from rich.table import Table
 
-    from bstc.commands import cli_errors, parse_sets
+    from bstc.cli.compiler import parse_sets
+    from bstc.cli.errors import command as cli_errors
 
     gs = _int_list(groups, "--groups")
     overrides = {"d_model": 64, "heads": 2, "seq_len": 256, "window": 64, **parse_sets(set_)}
@@ -628,7 +631,8 @@ def decode_cmd(
     from rich.table import Table
 
     from bstc import zoo
-    from bstc.commands import cli_errors, parse_sets
+    from bstc.cli.compiler import parse_sets
+    from bstc.cli.errors import command as cli_errors
 
     path = zoo.resolve(model)
     if path is None:

@@ -140,7 +140,7 @@ def train_sweep(cfg, sweep: dict, output: Path | None, *, progress: bool = True,
         pcfg = cfg.replace(set={**cfg.set, **point}, sweep={})
         overrides = effective_overrides(model_path, pcfg)
         if tok is not None:
-            from bstc.runtime.commands import tokenizer_vocab
+            from bstc.runtime.tokenizer import tokenizer_vocab
 
             overrides = tokenizer_vocab(overrides, pcfg.set, tok)
         spec = spec_from_file(model_path, overrides)

@@ -212,3 +212,20 @@ def train_bpe(data: str | None, vocab: int, out: Path, text_field: str = "text",
     tok.save(str(tmp))
     tmp.replace(out)
     return load_tokenizer(out)
+
+
+def tokenizer_vocab(overrides: dict, explicit: dict, tok) -> dict:
+    """The tokenizer sets the model's vocab as a `--set vocab=` would. An explicit vocab (a --set,
+    or `set:` in the run config) at least as large is kept; a smaller one is a located error."""
+    from bstc.errors import BstcError, Diagnostic, Span
+
+    if "vocab" not in explicit:
+        return {**overrides, "vocab": tok.n_ids}
+    v = str(explicit["vocab"]).strip()
+    if v.isdigit() and int(v) < tok.n_ids:
+        line = f"vocab={v}"
+        raise BstcError([Diagnostic(
+            Span("<--set>", 1, 7, 1, 7 + len(v)),
+            f"--set vocab={v} is smaller than the tokenizer's {tok.n_ids:,} ids ({tok.describe()})",
+            f"drop --set vocab (the tokenizer sets it), or give at least {tok.n_ids}")], {"<--set>": line})
+    return overrides

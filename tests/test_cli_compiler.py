@@ -199,7 +199,7 @@ def test_each_subcommand_has_help(run, command):
 def test_set_means_the_same_in_every_command():
     """`--set` values are expressions of the model language for train/eval as for
     explain/compile/bench: one parser, no YAML coercion (`on` → True, `0x10` → 16)."""
-    from bstc.commands import parse_sets as compiler_sets
+    from bstc.cli.compiler import parse_sets as compiler_sets
     from bstc.runtime.config import parse_sets as runtime_sets
     from bstc.runtime.errors import UsageError
 

@@ -309,7 +309,7 @@ def test_bad_run_settings_are_one_line(settings_, message):
 
 
 def test_resume_refuses_another_seed_or_model_setting_by_name():
-    from bstc.runtime.commands import _refuse_changes_on_resume
+    from bstc.cli.run import _refuse_changes_on_resume
     from bstc.runtime.config import RunConfig
 
     saved = {"d_model": 128}  # the run's overrides (run.json)

@@ -80,9 +80,9 @@ def test_the_runtime_reads_the_model_file_once(tmp_path, monkeypatch):
 
 def test_a_set_value_means_the_same_in_every_command(tmp_path):
     """`--set` values are model-language expressions for train/eval (runtime.config) and for
-    validate/explain/compile/bench (bstc.commands) alike, never YAML (`on` → True, `0x10` → 16)."""
+    validate/explain/compile/bench (bstc.cli.compiler) alike, never YAML (`on` → True, `0x10` → 16)."""
     import bstc
-    from bstc.commands import parse_sets as compiler_sets
+    from bstc.cli.compiler import parse_sets as compiler_sets
     from bstc.errors import BstcError
     from bstc.runtime.config import parse_sets as runtime_sets
 

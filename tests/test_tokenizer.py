@@ -15,7 +15,7 @@ import pytest
 
 from bstc.errors import BstcError
 from bstc.runtime import data as D
-from bstc.runtime.commands import tokenizer_vocab
+from bstc.runtime.tokenizer import tokenizer_vocab
 from bstc.runtime.errors import DataError, UsageError
 from bstc.runtime.tokenizer import Tokenizer, load_tokenizer, run_tokenizer, train_bpe
 

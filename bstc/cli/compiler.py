@@ -1,7 +1,6 @@
-"""Compiler commands: validate, explain, compile, models. Runtime commands live in runtime/."""
+"""The compiler's commands: validate, explain, compile, models (errors: bstc.cli.errors)."""
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -9,6 +8,7 @@ from typing import List, Optional
 
 import typer
 
+from bstc.cli.errors import color, command
 from bstc.errors import BstcError
 
 SET_HELP = "Override a top-level model parameter before checking, e.g. --set d_model=256 (repeatable)."
@@ -22,30 +22,6 @@ def parse_sets(sets: list[str] | None) -> dict[str, str]:
         return parse_set_items(sets)
     except ValueError as e:
         raise typer.BadParameter(str(e)) from None
-
-
-def _color() -> bool:
-    return sys.stderr.isatty()
-
-
-def cli_errors(fn):
-    """Model-file errors → diagnostics on stderr, exit 1; misuse → one line, exit 2. No tracebacks."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BstcError as e:
-            typer.echo(e.render(color=_color()), err=True)
-            raise typer.Exit(1) from None
-        except typer.BadParameter as e:
-            typer.echo(f"bstc: error: {e}", err=True)
-            raise typer.Exit(2) from None
-        except FileNotFoundError as e:
-            typer.echo(f"bstc: error: {e.args[0] if e.args else e}", err=True)
-            raise typer.Exit(2) from None
-
-    return wrapper
 
 
 def validate(
@@ -74,7 +50,7 @@ def validate(
                 from bstc import shard_plan
                 shard_plan.plan(m)
         except BstcError as e:
-            typer.echo(e.render(color=_color()), err=True)
+            typer.echo(e.render(color=color()), err=True)
             failed += 1
             continue
         except FileNotFoundError as e:
@@ -104,7 +80,7 @@ def _sets_or_exit(set_):
         raise typer.Exit(2) from None
 
 
-@cli_errors
+@command
 def explain(
     file: str = typer.Argument(..., help="Model file (.bst or .yaml) or zoo model name."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),
@@ -190,7 +166,7 @@ def print_report(rep) -> None:
     c.print(rep.summary())
 
 
-@cli_errors
+@command
 def compile_(
     file: str = typer.Argument(..., help="Model file (.bst or .yaml) or zoo model name."),
     set_: Optional[List[str]] = typer.Option(None, "--set", help=SET_HELP),

@@ -1,21 +1,16 @@
-"""`bstc train`, `bstc eval`, `bstc plot`: the runtime's commands (registered by bstc/cli.py).
-
-CLI misuse prints one line `bstc: error: ...` and exits 2; a failed run (NaN, bad checkpoint)
-exits 1; a model-file error prints its diagnostics and exits 1; SIGINT/SIGTERM save a
-checkpoint and exit 128+signal. Never a traceback.
-"""
+"""The runtime's commands: train (and sweeps), eval, plot, export, experiment, tokenizer, data.
+Errors and exit codes: bstc.cli.errors."""
 from __future__ import annotations
 
 import datetime as _dt
-import functools
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 import typer
 
-from bstc.errors import BstcError
-from bstc.runtime.errors import Interrupted, RunError, UsageError
+from bstc.cli.errors import command
+from bstc.runtime.errors import UsageError
 
 
 def enable_compilation_cache() -> None:
@@ -41,25 +36,7 @@ def enable_compilation_cache() -> None:
         pass
 
 
-def _errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except BstcError as e:
-            typer.echo(e.render(color=sys.stderr.isatty()), err=True)
-            raise typer.Exit(1) from None
-        except Interrupted as e:
-            typer.echo(f"bstc: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-        except RunError as e:
-            typer.echo(f"bstc: error: {e}", err=True)
-            raise typer.Exit(e.exit_code) from None
-
-    return wrapper
-
-
-def _latest_run(root: Path = Path("runs")) -> Path:
+def latest_run(root: Path = Path("runs")) -> Path:
     """The most recent run directory under ./runs (for `bstc eval` / `--resume` without a path)."""
     from bstc.runtime.rundir import RunFiles
 
@@ -74,7 +51,7 @@ def _latest_run(root: Path = Path("runs")) -> Path:
     return max(runs, key=touched).root
 
 
-@_errors
+@command
 def train(
     model: Optional[str] = typer.Argument(
         None, help="Model file (.bst/.yaml) or zoo name. Default: bst_sh_s4 (tiny overrides)."),
@@ -156,7 +133,7 @@ def train(
     if resume:
         from bstc.runtime.rundir import RunFiles
 
-        run_dir = output or _latest_run()
+        run_dir = output or latest_run()
         files = RunFiles(run_dir)
         if not files.is_run():
             raise UsageError(f"--resume: '{run_dir}' is not a bstc run directory (no config.yaml / run.json)")
@@ -197,7 +174,7 @@ def train(
         run_dir = output or Path("runs") / f"{model_path.stem}-{_dt.datetime.now():%Y%m%d-%H%M%S}"
         overrides = effective_overrides(model_path, cfg)
         if cfg.tokenizer and not cfg.task:
-            from bstc.runtime.tokenizer import load_tokenizer
+            from bstc.runtime.tokenizer import load_tokenizer, tokenizer_vocab
 
             overrides = tokenizer_vocab(overrides, cfg.set, load_tokenizer(cfg.tokenizer))
     else:
@@ -209,23 +186,6 @@ def train(
 
     lead = jax.process_index() == 0  # multi-host: one progress bar and one loss plot (process 0's)
     run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead, resume_step=step)
-
-
-def tokenizer_vocab(overrides: dict, explicit: dict, tok) -> dict:
-    """The tokenizer sets the model's vocab as a `--set vocab=` would. An explicit vocab (a --set,
-    or `set:` in the run config) at least as large is kept; a smaller one is a located error."""
-    from bstc.errors import BstcError, Diagnostic, Span
-
-    if "vocab" not in explicit:
-        return {**overrides, "vocab": tok.n_ids}
-    v = str(explicit["vocab"]).strip()
-    if v.isdigit() and int(v) < tok.n_ids:
-        line = f"vocab={v}"
-        raise BstcError([Diagnostic(
-            Span("<--set>", 1, 7, 1, 7 + len(v)),
-            f"--set vocab={v} is smaller than the tokenizer's {tok.n_ids:,} ids ({tok.describe()})",
-            f"drop --set vocab (the tokenizer sets it), or give at least {tok.n_ids}")], {"<--set>": line})
-    return overrides
 
 
 # What a resumed run must keep: its model, data stream and optimizer state depend on these.
@@ -275,7 +235,7 @@ def _lengths(text: Optional[str]) -> list[int] | None:
     return out
 
 
-@_errors
+@command
 def eval_cmd(
     run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory written by `bstc train` (default: the latest under ./runs)."),
@@ -289,22 +249,22 @@ def eval_cmd(
     from bstc.runtime.evaluator import evaluate
 
     enable_compilation_cache()
-    evaluate(run_dir or _latest_run(), split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
+    evaluate(run_dir or latest_run(), split=split, lengths=_lengths(lengths), max_tokens=max_tokens, step=step)
 
 
-@_errors
+@command
 def plot(run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory written by `bstc train` (default: the latest under ./runs).")):
     """Write RUN_DIR/loss.png: train and validation loss against step."""
     from bstc.runtime.plot import plot_losses
 
-    run_dir = run_dir or _latest_run()
+    run_dir = run_dir or latest_run()
     if not run_dir.is_dir():
         raise UsageError(f"'{run_dir}' is not a directory")
     typer.echo(f"wrote {plot_losses(run_dir)}")
 
 
-@_errors
+@command
 def export(
     run_dir: Optional[Path] = typer.Argument(
         None, help="A run directory written by `bstc train` (default: the latest under ./runs)."),
@@ -315,14 +275,14 @@ def export(
     """Write a run's trained weights as safetensors, with the resolved model file beside them."""
     from bstc.runtime.export import export_run
 
-    export_run(run_dir or _latest_run(), output, step=step, say=typer.echo)
+    export_run(run_dir or latest_run(), output, step=step, say=typer.echo)
 
 
 tokenizer_app = typer.Typer(help="Tokenizers: train a BPE tokenizer on your corpus.", no_args_is_help=True)
 
 
 @tokenizer_app.command("train")
-@_errors
+@command
 def tokenizer_train(
     data: Optional[str] = typer.Option(None, "--data", help="The corpus: files, directories, globs (comma-separated), "
                                        "as for `bstc train --data` (default: the embedded corpus); only its training "
@@ -347,7 +307,7 @@ data_app = typer.Typer(help="Corpora: encode them into token shards ahead of tra
 
 
 @data_app.command("prepare")
-@_errors
+@command
 def data_prepare(
     data: Optional[str] = typer.Option(None, "--data", help="The corpus, as for `bstc train --data` "
                                        "(default: the embedded corpus)."),
@@ -394,7 +354,7 @@ experiment_app = typer.Typer(help="Reproducible experiments: the language-modell
 
 
 @experiment_app.command("lm")
-@_errors
+@command
 def experiment_lm(
     out: Path = typer.Option(Path("runs/lm-table"), "-o", "--out", help="Output directory (resumable)."),
     scale: str = typer.Option("small", "--scale", help="smoke (seconds, for tests) or small (the documented table)."),
@@ -411,7 +371,7 @@ def experiment_lm(
 
 
 @experiment_app.command("recall")
-@_errors
+@command
 def experiment_recall(
     out: Optional[Path] = typer.Option(None, "-o", "--out", help="Output directory (default: a temporary one)."),
     steps: int = typer.Option(600, "--steps", help="Training steps per model."),

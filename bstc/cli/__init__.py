@@ -1,0 +1,41 @@
+"""The `bstc` command (typer): one package, one error policy (bstc.cli.errors: diagnostics
+for model files, one line for misuse, documented exit codes, never a traceback).
+
+Modules: compiler (validate, explain, compile, models), run (train, eval, plot, export,
+experiment, tokenizer, data), sample; the benchmark commands are registered from bstc.bench.
+"""
+from __future__ import annotations
+
+import sys
+
+import typer
+
+app = typer.Typer(
+    name="bstc",
+    help="bstc: declare hybrid SSM / attention models in a small language, check them, "
+    "explain their cost, compile them to JAX, and train, evaluate and sample them.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+# Each module of the package registers its commands (`register(app)`); the benchmarks keep
+# theirs beside their code in bstc/bench.py.
+from bstc.cli import compiler, run, sample  # noqa: E402
+from bstc import bench  # noqa: E402
+
+for _mod in (compiler, run, sample, bench):
+    _mod.register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

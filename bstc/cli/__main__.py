@@ -1,0 +1,3 @@
+from bstc.cli import main
+
+main()
