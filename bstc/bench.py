@@ -277,9 +277,8 @@ def plot_layers(results: list[Result], path: Path, title: str) -> None:
 
 def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: float) -> dict:
     """A model's compiled AdamW training step with its state, after one warm-up step."""
-    import optax
-
     import bstc
+    from bstc.compile import plain_train_step
     from bstc.lower import lower
 
     t0 = time.perf_counter()
@@ -289,17 +288,8 @@ def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: flo
     load_s = time.perf_counter() - t0
     L, V = m.dims.seq_len, m.dims.vocab
     params, static = eqx.partition(model, eqx.is_inexact_array)
-    opt = optax.adamw(lr)
+    opt, step = plain_train_step(static, lr)
     opt_state = opt.init(params)
-
-    def loss_fn(p, tokens):
-        logits = eqx.combine(p, static)(tokens)[:, :-1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    def step(p, s, tokens):
-        loss, g = jax.value_and_grad(loss_fn)(p, tokens)
-        upd, s = opt.update(g, s, p)
-        return optax.apply_updates(p, upd), s, loss
 
     tokens = jax.random.randint(jax.random.key(1), (batch, L), 0, V)
     t0 = time.perf_counter()

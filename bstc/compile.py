@@ -26,12 +26,33 @@ def _flops(compiled) -> float | None:
     return float(ca["flops"]) if ca and "flops" in ca else None
 
 
+def plain_train_step(static, lr: float = 1e-3):
+    """The plain training step that `bstc compile` compiles and `bstc bench model` times:
+    next-token cross entropy of the model `eqx.combine(params, static)`, AdamW at `lr`.
+    Returns (optimizer, step(params, opt_state, tokens) -> (params, opt_state, loss))."""
+    import equinox as eqx
+    import jax
+    import optax
+
+    def loss_fn(params, tokens):
+        logits = eqx.combine(params, static)(tokens)[:, :-1]
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
+
+    opt = optax.adamw(lr)
+
+    def step(params, opt_state, tokens):
+        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return opt, step
+
+
 def compile_model(source, *, overrides=None, batch: int = 2, remat: str = "none", scan: bool = True,
                   out_dir: Path | None = None) -> dict:
     import equinox as eqx
     import jax
     import jax.numpy as jnp
-    import optax
 
     from bstc import ir
     from bstc.frontend import parse
@@ -49,17 +70,8 @@ def compile_model(source, *, overrides=None, batch: int = 2, remat: str = "none"
     def forward(params, tokens):
         return eqx.combine(params, static)(tokens)
 
-    def loss_fn(params, tokens):
-        logits = forward(params, tokens)[:, :-1]
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens[:, 1:]).mean()
-
-    opt = optax.adamw(1e-3)
+    opt, train_step = plain_train_step(static)
     opt_state = jax.eval_shape(opt.init, params)
-
-    def train_step(params, opt_state, tokens):
-        loss, grads = jax.value_and_grad(loss_fn)(params, tokens)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
 
     pshape = jax.eval_shape(lambda p: p, params)
     t0 = time.perf_counter()
