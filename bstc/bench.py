@@ -70,7 +70,7 @@ class BenchConfig:
 def _bst(conv: str, variant: str) -> Callable[[BenchConfig], list[Sub]]:
     def subs(c: BenchConfig) -> list[Sub]:
         filters = {"sh": 1, "mh": c.heads, "mf": c.context_states}[variant]
-        src = {"state": c.ssm_state} if conv == "s4d" else {}
+        src = {"state": c.ssm_state} if conv in ("s4d", "mamba") else {}
         return [Sub(conv, {**src, "filters": filters}, residual=False),
                 Sub("block_attention", {"window": c.window}, context=(0, variant)), c.mlp]
     return subs
@@ -90,8 +90,18 @@ CANDIDATES: dict[str, Candidate] = {c.name: c for c in [
     Candidate("txl", "Transformer-XL", lambda c: [
         Sub("xl_attention", {"window": c.window, "memory": c.window}), c.mlp]),
     Candidate("gss", "GSS layer", lambda c: [Sub("gss", {"state": c.ssm_state})]),
+    # Today's hybrids' kinds (not in the default comparison, which is the paper's):
+    Candidate("bst_sh_mamba", "BST-SH (Mamba-2 context)", _bst("mamba", "sh")),
+    Candidate("mamba", "Mamba-2 layer", lambda c: [Sub("mamba", {"state": c.ssm_state})]),
+    Candidate("slide_gqa", "Sliding window, 1 KV head", lambda c: [
+        Sub("sliding_attention", {"window": c.window, "kv_heads": 1}), c.mlp]),
+    Candidate("slide_moe", "Sliding window + MoE (8 experts, top 2)", lambda c: [
+        Sub("sliding_attention", {"window": c.window}),
+        Sub("moe", {"experts": 8, "top_k": 2, "hidden": 2 * c.d_model})]),
 ]}
-DEFAULT_LAYERS = [n for n in CANDIDATES if n != "gss"]
+PAPER_LAYERS = ("bst_sh_s4", "bst_mh_s4", "bst_mf_s4", "bst_sh_unstructured", "bst_mh_unstructured",
+                "bst_mf_unstructured", "brt", "full", "slide", "txl")
+DEFAULT_LAYERS = list(PAPER_LAYERS)
 REFERENCE = "bst_sh_s4"
 
 
