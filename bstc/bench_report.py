@@ -1,4 +1,4 @@
-"""`bstc bench report`: the paper's speed claims in one command and one Markdown file.
+"""The paper's speed claims in one command and one Markdown file (`bstc bench report`, bstc.cli.bench).
 
 It runs, in one process: the layer comparison (`bench layers`: BST-SH/MH/MF, BRT, Slide,
 Transformer-XL and full attention, forward + backward, interleaved), the whole models'
@@ -15,12 +15,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-import typer
-
-from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, _fail, _int_list, bench_app, machine_info,
-                        overrides_per_model, plot_layers, ratios, run_decode, run_layers, run_models)
+from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, machine_info, overrides_per_model, plot_layers, ratios,
+                        run_layers, run_models)
+from bstc.bench_runs import run_decode
 
 
 @dataclass(frozen=True)
@@ -120,29 +118,3 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
             "models": models, "decode": dec}
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
     return data
-
-
-@bench_app.command("report")
-def report_cmd(
-    out: Path = typer.Option(Path("bench-report"), "--out", "-o", help="Directory for report.md, report.json, layers.png."),
-    preset: str = typer.Option("cpu", "--preset", help="Sizes: 'cpu' (tiny, seconds) or 'paper' (D 1024, H 8, "
-                               "W 512, L 4k–32k: one accelerator)."),
-    lengths: Optional[str] = typer.Option(None, "--lengths", help="Override the preset's sequence lengths."),
-    max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Override the per-step time guard."),
-):
-    """One Markdown report of the speed claims: layers, training step with MFU, sampling."""
-    import dataclasses
-
-    if preset not in PRESETS:
-        _fail(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
-    if lengths is not None:
-        lens = _int_list(lengths, "--lengths")
-        bad = [L for L in lens if L % p.layers.window]
-        if bad:
-            _fail(f"every length must be a multiple of the window {p.layers.window}; {bad[0]} is not")
-        p = dataclasses.replace(p, lengths=tuple(lens))
-    if max_seconds is not None:
-        p = dataclasses.replace(p, max_seconds=max_seconds)
-    write_report(out, p, log=lambda s: typer.echo(s, err=True))
-    typer.echo(f"wrote {out / 'report.md'}")

@@ -181,7 +181,7 @@ def test_explain_flops_match_xla_cost_analysis(path):
 
 
 def test_check_benchmark_files_are_valid_models_of_the_asked_size():
-    from bstc.bench import large_model_text, run_check
+    from bstc.bench_runs import large_model_text, run_check
 
     text = large_model_text(500)
     assert sum(k.startswith("p") and k[1:].isdigit() for k in bstc.parse(text).params) == 500
@@ -209,7 +209,7 @@ def test_bench_report_writes_markdown_json_and_plot(tmp_path):
 
 @pytest.mark.slow  # five compiles of a training step
 def test_bench_compile_keeps_the_fastest_of_its_repeats():
-    from bstc.bench import run_compile
+    from bstc.bench_runs import run_compile
 
     path = zoo.resolve("bst_sh_s4")
     ov = {k: v for k, v in tiny_overrides(path).items() if k != "groups"}

@@ -2,7 +2,8 @@
 for model files, one line for misuse, documented exit codes, never a traceback).
 
 Modules: compiler (validate, explain, compile, models), run (train, eval, plot, export,
-experiment, tokenizer, data), sample; the benchmark commands are registered from bstc.bench.
+experiment, tokenizer, data, sweeps), sample, bench (layers, model, compile, decode, check,
+report).
 """
 from __future__ import annotations
 
@@ -20,10 +21,8 @@ app = typer.Typer(
 )
 
 
-# Each module of the package registers its commands (`register(app)`); the benchmarks keep
-# theirs beside their code in bstc/bench.py.
-from bstc.cli import compiler, run, sample  # noqa: E402
-from bstc import bench  # noqa: E402
+# Each module of the package registers its commands (`register(app)`).
+from bstc.cli import bench, compiler, run, sample  # noqa: E402
 
 for _mod in (compiler, run, sample, bench):
     _mod.register(app)
