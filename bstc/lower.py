@@ -9,6 +9,10 @@
 * dtype policy: parameters are stored in `param_dtype` and cast to the compute `dtype` at call
   time; ops that must stay in float32 (SSM kernels, FFTs, softmax) upcast internally; logits are
   returned in float32.
+
+One module, longer than most, because its parts are one concern that must change together:
+the block walk (forward and decode step), the stages that run blocks, and the builder that
+makes them from the IR.
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """The `.bst` front end: lark (LALR, positions kept) → bstc.syntax.ast.ModelDef.
 
 Syntax errors are collected with lark's error recovery, so a file with several broken lines
-reports each of them (at most one per line, to avoid cascades)."""
+reports each of them (at most one per line, to avoid cascades). Longer than most modules
+because it is one transformer over the whole grammar: a method per grammar rule."""
 from __future__ import annotations
 
 import dataclasses
