@@ -7,9 +7,9 @@ from __future__ import annotations
 from bstc.errors import Collector, suggest, suggest_or_list
 from bstc.ops import REGISTRY
 from bstc.passes.check import VARIANTS
-from bstc.passes.evaluate import CONTEXT_VARIANT_NAMES, Scope, evaluate
-from bstc.passes.expand import UNIVERSAL_ARGS, block_table, first_defined
-from bstc.passes.resolve import _check_forward_refs
+from bstc.passes.evaluate import Scope, evaluate
+from bstc.passes.expand import UNIVERSAL_ARGS, block_table
+from bstc.passes.resolve import _check_forward_refs, fresh_parameter
 from bstc.syntax import ast
 
 
@@ -18,13 +18,7 @@ def check_library(lib: ast.ModelDef, errors: Collector) -> dict[str, ast.BlockDe
     seen: dict = {}
     later = {a.name: a for a in lib.assigns}
     for a in lib.assigns:
-        if a.name in seen:
-            errors.error(a.span, f"parameter '{a.name}' is defined twice", first_defined(seen[a.name], a.span))
-            continue
-        seen[a.name] = a.span
-        if a.name in CONTEXT_VARIANT_NAMES:
-            errors.error(a.span, f"'{a.name}' names a context variant and cannot name a parameter",
-                         "choose another name")
+        if not fresh_parameter(a, seen, errors):
             continue
         if _check_forward_refs(a.value, scope, later, a.name, errors, a.span):
             scope.values[a.name] = evaluate(a.value, scope, errors)

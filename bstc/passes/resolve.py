@@ -70,6 +70,20 @@ def override_exprs(overrides, errors: Collector) -> dict[str, ast.Assign]:
     return out
 
 
+def fresh_parameter(a: ast.Assign, seen: dict, errors: Collector) -> bool:
+    """True for a parameter that may be defined here; False, with the error, for one defined
+    twice (`seen`: name → the first definition's span, updated) or named like a context variant."""
+    if a.name in seen:
+        errors.error(a.span, f"parameter '{a.name}' is defined twice", first_defined(seen[a.name], a.span))
+        return False
+    seen[a.name] = a.span
+    if a.name in CONTEXT_VARIANT_NAMES:
+        errors.error(a.span, f"'{a.name}' names a context variant and cannot name a parameter",
+                     "choose another name")
+        return False
+    return True
+
+
 def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
     over = override_exprs(overrides, errors)
     defined = {a.name for a in model.assigns}
@@ -83,13 +97,7 @@ def resolve(model: ast.ModelDef, overrides, errors: Collector) -> Resolved:
     seen: dict = {}
     pending_later = {a.name: a for a in model.assigns}
     for a in model.assigns:
-        if a.name in seen:
-            errors.error(a.span, f"parameter '{a.name}' is defined twice", first_defined(seen[a.name], a.span))
-            continue
-        seen[a.name] = a.span
-        if a.name in CONTEXT_VARIANT_NAMES:
-            errors.error(a.span, f"'{a.name}' names a context variant and cannot name a parameter",
-                         "choose another name")
+        if not fresh_parameter(a, seen, errors):
             continue
         expr = over[a.name].value if a.name in over else a.value
         if _check_forward_refs(expr, scope, pending_later, a.name, errors, a.span):
