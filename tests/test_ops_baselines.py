@@ -173,6 +173,20 @@ def test_xl_equals_dense_with_memory_band(case):
     np.testing.assert_allclose(m(x), ref, atol=2e-5, rtol=1e-4)
 
 
+def test_xl_bias_starts_as_a_recency_prior():
+    """The relative-position table starts as ALiBi's per-head slopes, not at zero (a zero table
+    leaves the layer with no order beyond the causal mask): for every head the bias falls
+    strictly with the bucket's distance, from 0 at distance 0, and head 0 falls fastest."""
+    from bstc.ops.xl_attention import t5_buckets
+
+    _, _, m = build("xl")
+    table = np.asarray(m.rel_bias)  # (buckets, heads)
+    used = sorted(set(np.asarray(t5_buckets(np.arange(2 * W), 32, 2 * W - 1)).tolist()))
+    b = table[used]
+    assert np.all(b[0] == 0) and np.all(np.diff(b, axis=0) < 0)
+    assert np.all(b[-1, :-1] < b[-1, 1:])  # steeper slopes first
+
+
 def test_xl_memory_carries_no_gradient():
     """Block k's outputs depend on block k−1's inputs only through the memory, and that path is
     stop-gradient: d out[block k] / d x[block k−1] is exactly zero, while the forward value does
