@@ -29,15 +29,17 @@ from bstc.runtime.errors import UsageError
 from bstc.runtime.rundir import RunFiles
 
 # The rows of the paper's Table 1, in its order, plus the SH context over the block's own
-# window (the paper's appendix) and a BST whose context source is a selective SSM; a model
-# file missing from the zoo is left out.
+# window (the paper's appendix), a BST whose context source is a selective SSM, and two of
+# today's hybrids (Jamba-like, Samba-like) for comparison; a model file missing from the zoo
+# is left out.
 MODELS = ("bst_sh_s4", "bst_mh_s4", "bst_mf_s4", "bst_sh_own_s4", "bst_sh_unstructured", "bst_mf_unstructured",
-          "transformer", "slide", "transformer_xl", "brt", "gss_hybrid", "bst_sh_mamba")
+          "transformer", "slide", "transformer_xl", "brt", "gss_hybrid", "bst_sh_mamba", "jamba", "samba")
 LABELS = {"bst_sh_s4": "BST-SH (S4D)", "bst_mh_s4": "BST-MH (S4D)", "bst_mf_s4": "BST-MF (S4D)",
           "bst_sh_own_s4": "BST-SH, own-window context (S4D)", "bst_sh_unstructured": "BST-SH (unstructured)",
           "bst_mf_unstructured": "BST-MF (unstructured)", "transformer": "Transformer", "slide": "Slide",
           "transformer_xl": "Transformer-XL", "brt": "Block-Recurrent Transformer", "gss_hybrid": "GSS-Hybrid",
-          "bst_sh_mamba": "BST-SH, selective SSM context (Mamba-2)"}
+          "bst_sh_mamba": "BST-SH, selective SSM context (Mamba-2)",
+          "jamba": "Jamba-like (Mamba-2 + attention 7:1, MoE)", "samba": "Samba-like (Mamba-2 + sliding window)"}
 TOLERANCE = 0.05  # a row's parameters within 5% of the target
 
 
@@ -59,12 +61,15 @@ class Scale:
     eval_batches: int = 4       # validation during training (the loss curve)
     eval_every: int = 0         # 0: only at the end
     ckpt_every: int = 100       # resumable within a run
+    experts: int = 4            # MoE models: total parameters are matched, so fewer, wider experts
 
 
 SCALES = {
     # Runs in the test suite: every row, tiny and short.
-    "smoke": Scale(d_model=32, heads=2, window=16, seq_len=64, ssm_state=8, context_states=4, target_groups=1,
-                   steps=6, batch=4, lr=2e-3, eval_tokens=1024, eval_batches=0, ckpt_every=0),
+    # Two BST-SH groups (8 layers), not one: at d_model 32 a Jamba-like stack (one group of
+    # 8 layers, 7 of them Mamba) cannot be made as small as a single BST-SH group.
+    "smoke": Scale(d_model=32, heads=2, window=16, seq_len=64, ssm_state=8, context_states=4, target_groups=2,
+                   steps=6, batch=4, lr=2e-3, eval_tokens=1024, eval_batches=0, ckpt_every=0, experts=2),
     # The documented table: the BST-SH zoo file at d_model 128 with its 12 layers (~2.5M
     # params), 4 blocks of 64 bytes per training sequence, 300 steps of 8 sequences (614k
     # training tokens): every row in about an hour on a 2-core CPU.
@@ -77,7 +82,7 @@ def base_overrides(scale: Scale, declared: set[str]) -> dict[str, Any]:
     """The scale's sizes, restricted to the parameters the model file defines."""
     ov = dict(d_model=scale.d_model, heads=scale.heads, window=scale.window, seq_len=scale.seq_len,
               ssm_state=scale.ssm_state, context_states=scale.context_states, memory=scale.window,
-              state_vectors=scale.window)
+              state_vectors=scale.window, experts=scale.experts)
     return {k: v for k, v in ov.items() if k in declared}
 
 

@@ -5,6 +5,10 @@ import os
 
 # Tests never need more than the CPU; keep XLA from grabbing every core's worth of threads twice over.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Compiling dominates the suite's time and the tests' arrays are tiny: XLA's backend without its
+# expensive LLVM passes compiles about a third faster. Only code generation changes, not the
+# optimised HLO, so results and the XLA cost analysis that cost-rule tests compare with do not.
+os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # Token shards of the test corpora go to a temporary cache, not the user's ~/.cache/bstc/data.
 os.environ.setdefault("BSTC_DATA_CACHE", os.path.join(__import__("tempfile").gettempdir(), "bstc-test-data-cache"))
 
