@@ -8,12 +8,12 @@ commands (the CLI: `bstc train`, `bstc eval`, `bstc plot`).
 """
 from __future__ import annotations
 
-from bstc.runtime.config import RunConfig
+from bstc.runtime.config import OptimizerConfig, RunConfig
 from bstc.runtime.errors import (CheckpointError, DataError, Interrupted, NonFiniteLossError,
                                  RunError, UsageError)
 from bstc.runtime.model import ModelSpec
 
-__all__ = ["RunConfig", "ModelSpec", "train", "evaluate", "RunError", "UsageError", "DataError",
+__all__ = ["RunConfig", "OptimizerConfig", "ModelSpec", "train", "evaluate", "RunError", "UsageError", "DataError",
            "CheckpointError", "NonFiniteLossError", "Interrupted"]
 
 

@@ -20,9 +20,11 @@ OPTIMIZERS = ("adamw", "adafactor")
 
 
 def _type_ok(value, annotation: str) -> bool:
-    """`value` against a field's annotation string (`int`, `float`, `str | None`, `dict[...]`)."""
+    """`value` against a field's annotation string (`int`, `float`, `str | None`, `dict[...]`,
+    a class name)."""
     for opt in (o.strip() for o in annotation.split("|")):
         if (opt == "None" and value is None
+                or opt == type(value).__name__
                 or opt == "int" and isinstance(value, int) and not isinstance(value, bool)
                 or opt == "float" and isinstance(value, (int, float)) and not isinstance(value, bool)
                 or opt == "str" and isinstance(value, str)
@@ -33,9 +35,101 @@ def _type_ok(value, annotation: str) -> bool:
 
 
 def _type_words(annotation: str) -> str:
-    words = {"int": "an integer", "float": "a number", "str": "a string", "None": "empty (null)"}
-    return " or ".join(words.get(o.strip(), "a mapping" if o.strip().startswith("dict") else "a list")
+    words = {"int": "an integer", "float": "a number", "str": "a string", "None": "empty (null)",
+             "OptimizerConfig": "an OptimizerConfig"}
+    return " or ".join(words.get(o.strip(), "a list" if o.strip().startswith("list") else "a mapping")
                        for o in annotation.split("|"))
+
+
+def _check_types(obj) -> None:
+    """Types before values, so `steps: "five"` is one clear line."""
+    for f in dataclasses.fields(obj):
+        v = getattr(obj, f.name)
+        if not _type_ok(v, f.type):
+            raise UsageError(f"setting '{f.name}' must be {_type_words(f.type)}, got {v!r}")
+
+
+def _from_mapping(cls, d: Any, where: str, what: str, also: tuple[str, ...] = ()):
+    """`cls(**d)` for a YAML mapping: unknown keys named (with a suggestion), YAML 1.1's `1e-3`
+    (no dot, read as a string) taken as the number, every error one line prefixed by `where`.
+    `also`: other names a typo may have meant."""
+    if not isinstance(d, dict):
+        raise UsageError(f"{where}: expected a mapping of {what}s")
+    names = [f.name for f in dataclasses.fields(cls)]
+    for k in d:
+        if k not in names:
+            close = difflib.get_close_matches(str(k), names + list(also), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise UsageError(f"{where}: unknown {what} '{k}'{hint}")
+    d = dict(d)
+    for f in dataclasses.fields(cls):
+        if f.type == "float" and isinstance(d.get(f.name), str):
+            try:
+                d[f.name] = float(d[f.name])
+            except ValueError:
+                pass
+    try:
+        return cls(**d)
+    except (UsageError, TypeError) as e:
+        raise UsageError(f"{where}: {e}") from None
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """The optimizer and its learning-rate schedule: linear warmup to `lr`, then cosine decay to
+    `lr * min_lr_ratio` at the run's last step (bstc.runtime.optim builds the optax chain)."""
+
+    name: str = "adamw"                   # adamw | adafactor
+    lr: float = 2e-3                      # peak learning rate
+    warmup: int | None = None             # None: 10% of the run's steps (at most 100)
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1             # applied to the parameters whose role decays them
+    b1: float = 0.9                       # AdamW's moment decays
+    b2: float = 0.95
+    clip: float = 1.0                     # global-norm gradient clipping; 0 disables it
+
+    def __post_init__(self):
+        _check_types(self)
+        problems = [
+            (self.name in OPTIMIZERS, f"unknown optimizer '{self.name}' (choose from {', '.join(OPTIMIZERS)})"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (self.warmup is None or self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.clip >= 0, f"clip must be >= 0, got {self.clip}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (0 <= self.b1 < 1, f"b1 must be in [0, 1), got {self.b1}"),
+            (0 <= self.b2 < 1, f"b2 must be in [0, 1), got {self.b2}"),
+        ]
+        for ok, msg in problems:
+            if not ok:
+                raise UsageError(msg)
+
+    def warmup_steps(self, steps: int) -> int:
+        return self.warmup if self.warmup is not None else min(100, steps // 10)
+
+    def replace(self, **changes: Any) -> "OptimizerConfig":
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+
+# Before the optimizer group, these were top-level run settings and `optimizer` held the name
+# alone; config.yaml files of earlier run directories (and `--resume` of them) still read.
+FLAT_OPTIMIZER_KEYS = ("lr", "warmup", "min_lr_ratio", "weight_decay", "b1", "b2", "clip")
+
+
+def _group_optimizer(d: dict[str, Any], where: str) -> dict[str, Any]:
+    """A run-config mapping with its optimizer settings, flat or grouped, as one OptimizerConfig."""
+    group = d.get("optimizer", {})
+    group = {"name": group} if isinstance(group, str) else group
+    if not isinstance(group, dict):
+        raise UsageError(f"{where}: setting 'optimizer' must be a mapping (optimizer: {{lr: 2e-3}}), got {group!r}")
+    d, group = dict(d), dict(group)
+    for k in FLAT_OPTIMIZER_KEYS:
+        if k in d:
+            if k in group:
+                raise UsageError(f"{where}: '{k}' is given twice, at the top level and under optimizer: keep one")
+            group[k] = d.pop(k)
+    d["optimizer"] = _from_mapping(OptimizerConfig, group, where, "optimizer setting")
+    return d
 
 
 @dataclass
@@ -56,14 +150,7 @@ class RunConfig:
     steps: int = 300
     batch: int = 8                        # sequences per optimizer step (all micro-batches)
     accum: int = 1                        # gradient-accumulation micro-batches per step
-    optimizer: str = "adamw"
-    lr: float = 2e-3
-    warmup: int | None = None             # None: 10% of steps (at most 100)
-    min_lr_ratio: float = 0.1             # cosine decays to lr * min_lr_ratio
-    weight_decay: float = 0.1
-    b1: float = 0.9
-    b2: float = 0.95
-    clip: float = 1.0                     # global-norm gradient clipping; 0 disables it
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # YAML: optimizer: {lr: 1e-3, ...}
     seed: int = 0
     eval_every: int = 100                 # validation loss every N steps (0: only at the end)
     eval_batches: int = 4
@@ -83,28 +170,17 @@ class RunConfig:
             if not ok:
                 raise UsageError(msg)
 
-        for f in dataclasses.fields(self):  # types first: `steps: "five"` is one clear line
-            v = getattr(self, f.name)
-            need(_type_ok(v, f.type), f"setting '{f.name}' must be {_type_words(f.type)}, got {v!r}")
+        _check_types(self)
         need(all(isinstance(k, str) and k.isidentifier() for k in self.set),
              f"setting 'set' must map parameter names to values, got {self.set!r}")
-        need(self.warmup is None or self.warmup >= 0, f"warmup must be >= 0, got {self.warmup}")
         for name in ("eval_every", "ckpt_every", "eval_batches"):  # 0: none
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}")
-        for name in ("weight_decay", "clip"):
-            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
-        need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        for name in ("b1", "b2"):
-            need(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
         need(self.steps >= 1, f"steps must be >= 1, got {self.steps}")
         need(self.batch >= 1, f"batch must be >= 1, got {self.batch}")
         need(self.accum >= 1, f"accum must be >= 1, got {self.accum}")
         need(self.batch % self.accum == 0,
              f"batch ({self.batch}) must be divisible by accum ({self.accum})")
-        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
-        need(self.optimizer in OPTIMIZERS,
-             f"unknown optimizer '{self.optimizer}' (choose from {', '.join(OPTIMIZERS)})")
         need(self.task is None or self.task in TASKS,
              f"unknown task '{self.task}' (choose from {', '.join(TASKS)})")
         need(not (self.task and self.data), "give either --data or --task, not both")
@@ -128,10 +204,6 @@ class RunConfig:
             need(bool(self.task), "length_mix needs --task (text is packed at one length)")
 
     @property
-    def warmup_steps(self) -> int:
-        return self.warmup if self.warmup is not None else min(100, self.steps // 10)
-
-    @property
     def micro_batch(self) -> int:
         return self.batch // self.accum
 
@@ -143,25 +215,7 @@ class RunConfig:
     def from_dict(cls, d: dict[str, Any], where: str = "config") -> "RunConfig":
         if not isinstance(d, dict):
             raise UsageError(f"{where}: expected a mapping of run settings")
-        names = [f.name for f in dataclasses.fields(cls)]
-        for k in d:
-            if k not in names:
-                close = difflib.get_close_matches(str(k), names, n=1)
-                hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise UsageError(f"{where}: unknown setting '{k}'{hint}")
-        d = dict(d)
-        for f in dataclasses.fields(cls):  # YAML 1.1 reads `1e-3` (no dot) as a string
-            if f.type == "float" and isinstance(d.get(f.name), str):
-                try:
-                    d[f.name] = float(d[f.name])
-                except ValueError:
-                    pass
-        try:
-            return cls(**d)
-        except UsageError as e:
-            raise UsageError(f"{where}: {e}") from None
-        except TypeError as e:
-            raise UsageError(f"{where}: {e}") from None
+        return _from_mapping(cls, _group_optimizer(d, where), where, "setting", also=FLAT_OPTIMIZER_KEYS)
 
     def save(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

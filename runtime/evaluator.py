@@ -47,7 +47,7 @@ def load_model(run_dir: Path, spec: ModelSpec | None = None, step: int | None = 
         if not ckpt.steps():
             raise CheckpointError(f"run '{run_dir}' has no checkpoint yet")
         # Shapes only: nothing is built or initialised just to be overwritten by the restore.
-        template = eqx.filter_eval_shape(init_state, spec, cfg, make_optimizer(cfg))
+        template = eqx.filter_eval_shape(init_state, spec, cfg, make_optimizer(cfg.optimizer, cfg.steps))
         # The fingerprint is not checked here: a newer compiler may print the same model
         # differently; the array paths and shapes still have to match exactly.
         step, state = ckpt.restore_readable(template, None, None, step=step,

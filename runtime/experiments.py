@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bstc.runtime.config import RunConfig
+from bstc.runtime.config import OptimizerConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -90,8 +90,8 @@ def run_recall(s: RecallSetup = RecallSetup(), out: Path | None = None, progress
         f.write_text(recall_model_text(s, ctx))
         spec = spec_from_file(f, {})
         cfg = RunConfig(model=str(f), task="recall", task_args=dict(pairs=s.pairs, values=s.values),
-                        steps=s.steps, batch=s.batch, lr=s.lr, seed=s.seed, eval_every=max(1, s.steps // 4),
-                        eval_batches=8, ckpt_every=s.steps, keep=1, weight_decay=0.0)
+                        steps=s.steps, batch=s.batch, optimizer=OptimizerConfig(lr=s.lr, weight_decay=0.0),
+                        seed=s.seed, eval_every=max(1, s.steps // 4), eval_batches=8, ckpt_every=s.steps, keep=1)
         t0 = time.perf_counter()
         r = train(cfg, out / name, spec, progress=progress, plot=True, tensorboard=False)
         res[name] = dict(accuracy=r.val["accuracy"], loss=r.val["loss"], scored=r.val["tokens"],
@@ -113,8 +113,9 @@ def run_lengths(s: RecallSetup = RecallSetup(), out: Path | None = None, progres
     f.write_text(recall_model_text(s, True))
     spec = spec_from_file(f, {})
     cfg = RunConfig(model=str(f), task="recall", task_args=dict(pairs=s.pairs, values=s.values),
-                    steps=s.steps, batch=s.batch, lr=s.lr, seed=s.seed, eval_every=0, eval_batches=8,
-                    ckpt_every=s.steps, keep=1, weight_decay=0.0, length_mix=list(s.length_mix) or None)
+                    steps=s.steps, batch=s.batch, optimizer=OptimizerConfig(lr=s.lr, weight_decay=0.0),
+                    seed=s.seed, eval_every=0, eval_batches=8, ckpt_every=s.steps, keep=1,
+                    length_mix=list(s.length_mix) or None)
     t0 = time.perf_counter()
     train(cfg, out / "bst_sh", spec, progress=progress, plot=False, tensorboard=False)
     ev = evaluate(out / "bst_sh", lengths=[s.seq_len * m for m in factors], max_tokens=2**16)

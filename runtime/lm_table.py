@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from bstc.runtime.config import RunConfig
+from bstc.runtime.config import OptimizerConfig, RunConfig
 from bstc.runtime.errors import UsageError
 from bstc.runtime.rundir import RunFiles
 
@@ -149,8 +149,8 @@ def target_params(scale: Scale) -> int:
 
 def run_config(scale: Scale, model: Path, overrides: dict[str, Any], seed: int) -> RunConfig:
     return RunConfig(model=str(model), set=overrides, preset="none", steps=scale.steps, batch=scale.batch,
-                     lr=scale.lr, seed=seed, eval_every=scale.eval_every, eval_batches=scale.eval_batches,
-                     ckpt_every=scale.ckpt_every, keep=1, log_every=1)
+                     optimizer=OptimizerConfig(lr=scale.lr), seed=seed, eval_every=scale.eval_every,
+                     eval_batches=scale.eval_batches, ckpt_every=scale.ckpt_every, keep=1, log_every=1)
 
 
 def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progress: bool = True) -> dict:

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from bstc.ops.base import ROLES, OptimRole
-from bstc.runtime.config import RunConfig
+from bstc.runtime.config import OptimizerConfig
 
 
 def _trainable(a) -> bool:  # arrays, or their shapes from eqx.filter_eval_shape
@@ -64,19 +64,22 @@ def decay_mask(params) -> Any:
     return jax.tree.map(lambda r: r.decay, param_roles(params), is_leaf=lambda x: isinstance(x, OptimRole))
 
 
-def make_schedule(cfg: RunConfig):
+def make_schedule(opt: OptimizerConfig, steps: int):
+    """Linear warmup to the peak, then cosine decay to `lr * min_lr_ratio` at step `steps`."""
+    warmup = opt.warmup_steps(steps)
     return optax.warmup_cosine_decay_schedule(
-        init_value=0.0, peak_value=cfg.lr, warmup_steps=cfg.warmup_steps,
-        decay_steps=max(cfg.steps, cfg.warmup_steps + 1), end_value=cfg.lr * cfg.min_lr_ratio)
+        init_value=0.0, peak_value=opt.lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=opt.lr * opt.min_lr_ratio)
 
 
-def make_optimizer(cfg: RunConfig) -> optax.GradientTransformation:
-    """Clip by global norm, then AdamW or Adafactor (the paper's), decaying by role. The
-    per-leaf learning-rate multipliers are applied to the updates by the train step."""
-    sched = make_schedule(cfg)
-    if cfg.optimizer == "adamw":
-        opt = optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, weight_decay=cfg.weight_decay, mask=decay_mask)
+def make_optimizer(opt: OptimizerConfig, steps: int) -> optax.GradientTransformation:
+    """Clip by global norm, then AdamW or Adafactor (the paper's), decaying by role, over a run
+    of `steps` steps. The per-leaf learning-rate multipliers are applied to the updates by the
+    train step."""
+    sched = make_schedule(opt, steps)
+    if opt.name == "adamw":
+        tx = optax.adamw(sched, b1=opt.b1, b2=opt.b2, weight_decay=opt.weight_decay, mask=decay_mask)
     else:
-        opt = optax.adafactor(sched, weight_decay_rate=cfg.weight_decay or None, weight_decay_mask=decay_mask)
-    parts = [optax.clip_by_global_norm(cfg.clip)] if cfg.clip > 0 else []
-    return optax.chain(*parts, opt)
+        tx = optax.adafactor(sched, weight_decay_rate=opt.weight_decay or None, weight_decay_mask=decay_mask)
+    parts = [optax.clip_by_global_norm(opt.clip)] if opt.clip > 0 else []
+    return optax.chain(*parts, tx)

@@ -55,7 +55,7 @@ def token_losses(model, batch, key=None, with_aux: bool = False):
 
 
 def make_train_step(tx, cfg: RunConfig, multipliers):
-    sched = make_schedule(cfg)
+    sched = make_schedule(cfg.optimizer, cfg.steps)
     scale = multipliers is not None and any(m != 1.0 for m in jax.tree.leaves(multipliers))
 
     @eqx.filter_jit
@@ -98,16 +98,13 @@ _STEPS: dict = {}
 def compiled_step(spec: ModelSpec, cfg: RunConfig):
     """The optimizer and jitted step for this model + optimizer config, reused across runs in
     one process (a resumed or repeated run in a notebook or a test compiles once)."""
-    opt = {k: v for k, v in cfg.to_dict().items()
-           if k in ("steps", "batch", "accum", "optimizer", "lr", "warmup", "min_lr_ratio",
-                    "weight_decay", "b1", "b2", "clip")}
-    key = (spec.fingerprint, repr(sorted(opt.items())))
+    key = (spec.fingerprint, cfg.steps, cfg.batch, cfg.accum, cfg.optimizer)  # OptimizerConfig: frozen, hashable
     if key not in _STEPS:
         if len(_STEPS) > 8:
             _STEPS.clear()
-        tx = make_optimizer(cfg)
+        tx = make_optimizer(cfg.optimizer, cfg.steps)
         shapes = eqx.filter_eval_shape(spec.build, jax.random.PRNGKey(0))
-        _STEPS[key] = (tx, make_train_step(tx, cfg, lr_multipliers(shapes, cfg.lr)))
+        _STEPS[key] = (tx, make_train_step(tx, cfg, lr_multipliers(shapes, cfg.optimizer.lr)))
     return _STEPS[key]
 
 

@@ -63,7 +63,7 @@ def run(tmp_path_factory):
     f.write_text(MODEL)
     spec = spec_from_file(f, OVERRIDES)
     cfg = RunConfig(model=str(f), steps=2, batch=2, set=OVERRIDES)
-    state = init_state(spec, cfg, make_optimizer(cfg))
+    state = init_state(spec, cfg, make_optimizer(cfg.optimizer, cfg.steps))
     leaves, treedef = jax.tree.flatten(eqx.filter(state.model, eqx.is_inexact_array))
     noisy = [x + 0.01 * jax.random.normal(jax.random.key(i), x.shape) for i, x in enumerate(leaves)]
     state = eqx.tree_at(lambda s: s.model, state,

@@ -305,7 +305,7 @@ def test_bad_run_settings_are_one_line(settings_, message):
 
     with pytest.raises(UsageError, match=f"^c.yaml: {message}"):
         RunConfig.from_dict(settings_, "c.yaml")
-    assert RunConfig.from_dict({"lr": "1e-3"}).lr == 1e-3  # YAML 1.1 reads 1e-3 as a string
+    assert RunConfig.from_dict({"optimizer": {"lr": "1e-3"}}).optimizer.lr == 1e-3  # YAML 1.1: a string
 
 
 def test_resume_refuses_another_seed_or_model_setting_by_name():

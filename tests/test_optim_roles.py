@@ -12,7 +12,7 @@ import bstc
 from bstc.lower import Sub
 from bstc.ops import REGISTRY
 from bstc.ops.base import Op, OptimRole, register
-from bstc.runtime.config import RunConfig
+from bstc.runtime.config import OptimizerConfig
 from bstc.runtime.optim import decay_mask, lr_multipliers, make_optimizer
 from conftest import STRUCTURAL_KINDS as STRUCTURAL, kind_case_id, kind_cases, kind_model_text
 
@@ -102,8 +102,7 @@ def test_optimizer_decays_exactly_the_decayed_leaves():
     """Zero gradients: AdamW's update is −lr·wd·p on decayed leaves and 0 on the others."""
     m = bstc.load(model_text(["x = s4d()", "y = mlp(hidden: 32)"]), key=jax.random.key(0))
     params = eqx.filter(m, eqx.is_inexact_array)
-    cfg = RunConfig(lr=1e-2, weight_decay=0.5, warmup=0, steps=10, clip=0.0)
-    tx = make_optimizer(cfg)
+    tx = make_optimizer(OptimizerConfig(lr=1e-2, weight_decay=0.5, warmup=0, clip=0.0), steps=10)
     upd, _ = tx.update(jax.tree.map(jnp.zeros_like, params), tx.init(params), params)
     upd = eqx.filter(upd, eqx.is_array)  # first step: lr = peak
     mask = decay_mask(params)

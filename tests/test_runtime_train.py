@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bstc.runtime import RunConfig, train
+from bstc.runtime import OptimizerConfig, RunConfig, train
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.errors import CheckpointError, NonFiniteLossError, UsageError
 from bstc.runtime.evaluator import evaluate, load_model
@@ -73,9 +73,10 @@ def standin(d=32, seq_len=64, **kw) -> ModelSpec:
                      fingerprint=f"standin-d{d}-{sorted(kw.items())}", vocab=256, seq_len=seq_len)
 
 
-def cfg(**kw) -> RunConfig:
-    base = dict(model="standin", steps=30, batch=4, lr=3e-3, eval_every=0, ckpt_every=10, eval_batches=2)
-    return RunConfig(**{**base, **kw})
+def cfg(optimizer: dict | None = None, **kw) -> RunConfig:
+    """A short run of the stand-in; `optimizer`: settings of its optimizer group."""
+    base = dict(model="standin", steps=30, batch=4, eval_every=0, ckpt_every=10, eval_batches=2)
+    return RunConfig(**{**base, **kw}, optimizer=OptimizerConfig(**{"lr": 3e-3, **(optimizer or {})}))
 
 
 QUIET = dict(progress=False, plot=False, tensorboard=False)
@@ -257,10 +258,89 @@ def test_sigterm_mid_run_leaves_a_loadable_checkpoint(tmp_path):
 def test_adafactor_and_warmup_schedule(tmp_path):
     from bstc.runtime.optim import make_schedule
 
-    c = cfg(steps=20, optimizer="adafactor", warmup=5, lr=1e-2)
-    s = make_schedule(c)
+    c = cfg(steps=20, optimizer=dict(name="adafactor", warmup=5, lr=1e-2))
+    s = make_schedule(c.optimizer, c.steps)
     assert float(s(0)) == 0.0 and abs(float(s(5)) - 1e-2) < 1e-9 and abs(float(s(20)) - 1e-3) < 1e-9
     r = train(c, tmp_path / "r", standin(), **QUIET)
     lr = [x["lr"] for x in read_metrics(tmp_path / "r") if x.get("split") == "train"]
     assert lr[0] == 0.0 and max(lr) == pytest.approx(1e-2, rel=1e-6)  # logged lr follows the schedule
     assert np.mean(list(r.losses.values())[-3:]) < np.mean(list(r.losses.values())[:3])
+
+
+# ---- the optimizer group and run configs of earlier versions ----------------------------------
+# config.yaml as versions before the optimizer group wrote it: the optimizer's settings flat.
+FLAT_CONFIG_YAML = """\
+model: standin
+set: {}
+preset: auto
+data: null
+text_field: text
+tokenizer: null
+tracker: null
+task: null
+task_args: {}
+seq_len: null
+length_mix: null
+steps: 6
+batch: 4
+accum: 1
+optimizer: adamw
+lr: 0.01
+warmup: null
+min_lr_ratio: 0.1
+weight_decay: 0.05
+b1: 0.9
+b2: 0.95
+clip: 1.0
+seed: 0
+eval_every: 0
+eval_batches: 2
+ckpt_every: 3
+keep: 3
+log_every: 1
+mesh: null
+sweep: {}
+"""
+
+
+def test_a_run_directory_with_flat_optimizer_settings_resumes_exactly(tmp_path):
+    from bstc.cli.run import _refuse_changes_on_resume
+    from bstc.runtime.rundir import RunFiles
+
+    c = cfg(steps=6, ckpt_every=3, optimizer=dict(lr=1e-2, weight_decay=0.05))
+    full = train(c, tmp_path / "full", standin(), **QUIET)
+    old = tmp_path / "old"
+    part = train(c, old, standin(), hooks=[StopAfter(3)], **QUIET)
+    (old / "config.yaml").write_text(FLAT_CONFIG_YAML)  # as an earlier version left the run
+    loaded, _ = RunFiles(old).read()
+    assert loaded == c and loaded.optimizer == OptimizerConfig(lr=1e-2, weight_decay=0.05)
+    _refuse_changes_on_resume(loaded, {}, {"optimizer": "adamw", "lr": 1e-3}, {})  # --lr may change
+    with pytest.raises(UsageError, match="--optimizer adafactor differs from the run's adamw"):
+        _refuse_changes_on_resume(loaded, {}, {"optimizer": "adafactor"}, {})
+    rest = train(loaded, old, standin(), resume=True, **QUIET)
+    joined = {**part.losses, **rest.losses}
+    assert sorted(joined) == sorted(full.losses)
+    np.testing.assert_allclose([joined[s] for s in sorted(joined)], [full.losses[s] for s in sorted(full.losses)],
+                               rtol=1e-6, atol=0)
+    assert "optimizer:\n  name: adamw\n  lr: 0.01\n" in (old / "config.yaml").read_text()  # rewritten grouped
+
+
+def test_optimizer_settings_in_yaml_and_flags(tmp_path):
+    from bstc.cli.run import _with_flags
+
+    grouped = RunConfig.from_dict({"optimizer": {"name": "adafactor", "lr": "1e-3", "clip": 0}})
+    assert grouped.optimizer == OptimizerConfig(name="adafactor", lr=1e-3, clip=0.0)
+    assert RunConfig.from_dict({"optimizer": "adafactor", "lr": 1e-3, "clip": 0}) == grouped
+    grouped.save(tmp_path / "c.yaml")
+    assert RunConfig.load(tmp_path / "c.yaml") == grouped
+    for bad, message in [({"lr": 1e-3, "optimizer": {"lr": 2e-3}}, "'lr' is given twice"),
+                         ({"optimizer": {"lrr": 1e-3}}, "unknown optimizer setting 'lrr' \\(did you mean 'lr'\\?\\)"),
+                         ({"optimizer": {"b2": 1.5}}, "b2 must be in \\[0, 1\\)"),
+                         ({"optimizer": ["adamw"]}, "setting 'optimizer' must be a mapping"),
+                         ({"wieght_decay": 0.1}, "did you mean 'weight_decay'")]:
+        with pytest.raises(UsageError, match=f"^c.yaml: .*{message}"):
+            RunConfig.from_dict(bad, "c.yaml")
+    # `bstc train --lr 1e-3 --optimizer adafactor --warmup 7` over a config: the group's fields
+    flagged = _with_flags(RunConfig(), dict(lr=1e-3, optimizer="adafactor", warmup=7, steps=50, seed=None))
+    assert flagged.optimizer == OptimizerConfig(name="adafactor", lr=1e-3, warmup=7) and flagged.steps == 50
+    assert _with_flags(grouped, dict(lr=None, optimizer=None)).optimizer == grouped.optimizer

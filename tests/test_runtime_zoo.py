@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from bstc.runtime import RunConfig, train
+from bstc.runtime import OptimizerConfig, RunConfig, train
 from bstc.runtime.metrics import read_metrics
 from bstc.runtime.model import spec_from_file
 from conftest import StopAfter
@@ -99,8 +99,8 @@ def test_loss_falls_on_the_default_corpus_with_a_tiny_bst(tmp_path):
     f = tmp_path / "small_bst.bst"
     f.write_text(SMALL_BST)
     spec = spec_from_file(f, {})
-    r = train(RunConfig(steps=40, batch=8, lr=3e-3, eval_every=20, ckpt_every=40), tmp_path / "r",
-              spec, progress=False, plot=False, tensorboard=False)
+    r = train(RunConfig(steps=40, batch=8, optimizer=OptimizerConfig(lr=3e-3), eval_every=20, ckpt_every=40),
+              tmp_path / "r", spec, progress=False, plot=False, tensorboard=False)
     losses = list(r.losses.values())
     assert np.mean(losses[:3]) > np.log(256) - 0.5           # starts near uniform over bytes
     assert np.mean(losses[-5:]) < np.mean(losses[:3]) - 1.5  # learns the byte statistics of code

@@ -148,7 +148,7 @@ def train(
     else:
         cfg = RunConfig.load(config) if config is not None else RunConfig()
         model_path = None
-    cfg = cfg.replace(**flags)
+    cfg = _with_flags(cfg, flags)
     if sets:
         cfg = cfg.replace(set={**cfg.set, **sets})
     cfg.validate()
@@ -188,6 +188,22 @@ def train(
     run(cfg, run_dir, spec, resume=resume, progress=not quiet and lead, plot=lead, resume_step=step)
 
 
+# The flags that set a field of the run's optimizer group (RunConfig.optimizer), by that field.
+_OPTIMIZER_FLAGS = {"optimizer": "name", "lr": "lr", "warmup": "warmup"}
+
+
+def _with_flags(cfg, flags: dict):
+    """The run config with the flags given (not None) applied, the optimizer's into its group."""
+    group = {field: flags[flag] for flag, field in _OPTIMIZER_FLAGS.items() if flag in flags}
+    rest = {k: v for k, v in flags.items() if k not in _OPTIMIZER_FLAGS}
+    return cfg.replace(**rest, optimizer=cfg.optimizer.replace(**group))
+
+
+def _setting(cfg, flag: str):
+    """The run's value of the setting a flag names."""
+    return getattr(cfg.optimizer, _OPTIMIZER_FLAGS[flag]) if flag in _OPTIMIZER_FLAGS else getattr(cfg, flag)
+
+
 # What a resumed run must keep: its model, data stream and optimizer state depend on these.
 # Steps, evaluation and checkpoint cadence, the learning rate and the mesh may change.
 _FIXED_ON_RESUME = ("model", "data", "text_field", "tokenizer", "task", "seq_len", "length_mix", "batch", "accum", "optimizer",
@@ -199,9 +215,9 @@ def _refuse_changes_on_resume(cfg, saved: dict, flags: dict, sets: dict) -> None
     are refused by name. `saved`: the run's overrides (run.json)."""
     for name in _FIXED_ON_RESUME:
         given = flags.get(name)
-        if given is not None and given != getattr(cfg, name):
+        if given is not None and given != _setting(cfg, name):
             flag = "the model" if name == "model" else f"--{name.replace('_', '-')}"
-            raise UsageError(f"--resume: {flag} {given} differs from the run's {getattr(cfg, name)}; a resumed run "
+            raise UsageError(f"--resume: {flag} {given} differs from the run's {_setting(cfg, name)}; a resumed run "
                              "keeps it: drop the flag, or start a new run with another -o")
     changed = [f"{k}={v} (the run has {saved[k] if k in saved else 'the file value'})"
                for k, v in sets.items() if str(saved.get(k)) != str(v)]
