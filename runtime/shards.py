@@ -7,12 +7,13 @@ lengths, the bytes each split stands for, the tokenizer), into
     CACHE/<key>/        CACHE = $BSTC_DATA_CACHE, else ~/.cache/bstc/data (XDG_CACHE_HOME)
 
 where <key> is a hash of the format version, the tokenizer's fingerprint (a hash of its file, or
-`bytes:EOS`), the text field, and every file's name, size and **contents** — so an edited, added
-or removed file, another tokenizer or another field gives another key, and a stale shard is
-never read. Later runs hash the files (cheap: no parsing, no encoding) and memory-map the
-arrays. A shard directory is written under a temporary name and renamed when complete, so an
-interrupted write is never read; a cache that cannot be written is skipped with a warning.
-`BSTC_DATA_CACHE=off` disables it.
+`bytes:EOS`), the text field, and every file's name and **contents** (a hash of its bytes) — so
+an edited, added or removed file, another tokenizer or another field gives another key, and a
+stale shard is never read. Later runs memory-map the arrays; they read a file's bytes again
+only when its stat (size, mtime, ctime, inode) changed (bstc.runtime.file_hashes). A shard
+directory is written under a temporary name and renamed when complete, so an interrupted write
+is never read; a cache that cannot be written is skipped with a warning. `BSTC_DATA_CACHE=off`
+disables it.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ import numpy as np
 
 VERSION = 1
 SPLITS = ("train", "validation", "test")
+HASHES = "file-hashes.json"  # in the cache directory: content hashes by stat (bstc.runtime.file_hashes)
 
 
 def cache_dir() -> Path | None:
@@ -43,17 +45,20 @@ def cache_dir() -> Path | None:
     return Path(base) / "bstc" / "data"
 
 
-def corpus_key(data: str | None, text_field: str, tokenizer) -> str:
-    """The hash that names a corpus's shards (see the module docstring)."""
+def corpus_key(data: str | None, text_field: str, tokenizer, root: Path | None = None) -> str:
+    """The hash that names a corpus's shards (see the module docstring). With a cache directory
+    `root`, the files' content hashes are remembered there by their stat (bstc.runtime.file_hashes),
+    so a later run reads only the files that changed."""
     from bstc.runtime import data as D
+    from bstc.runtime.file_hashes import FileHashes
 
     named = D.stdlib_files() if data in (None, D.DEFAULT_CORPUS) else D.user_files(data)
+    hashes = FileHashes(Path(root) / HASHES if root is not None else None)
     h = hashlib.blake2b(digest_size=16)
     h.update(json.dumps([VERSION, tokenizer.fingerprint, text_field]).encode())
     for name, path in named:
-        b = D._read(path)
-        h.update(name.encode("utf-8", "surrogatepass") + b"\0" + len(b).to_bytes(8, "little"))
-        h.update(b)
+        h.update(name.encode("utf-8", "surrogatepass") + b"\0" + hashes.digest(path).encode() + b"\0")
+    hashes.save()
     return h.hexdigest()
 
 
@@ -126,7 +131,7 @@ def load(data: str | None, text_field: str, tokenizer, progress: Callable[[str, 
     from bstc.runtime import data as D
 
     root = cache_dir() if use_cache else None
-    key = corpus_key(data, text_field, tokenizer) if root is not None else None
+    key = corpus_key(data, text_field, tokenizer, root) if root is not None else None
     if key is not None:
         hit = read(key, root)
         if hit is not None:

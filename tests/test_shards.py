@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -77,7 +78,50 @@ def test_changed_files_another_tokenizer_or_field_invalidate(cache, tmp_path):
     assert not hit and not same(alt, shards.load(data, "text", tok_a)[0])
     # the bytes tokenizer differs by its separator (vocab 256: NUL; above: 256)
     assert shards.corpus_key(data, "text", Tokenizer(256)) != shards.corpus_key(data, "text", Tokenizer(512))
-    assert len(list(cache.iterdir())) == 5  # base, changed, added, tokenizer b, field alt
+    assert len([p for p in cache.iterdir() if p.is_dir()]) == 5  # base, changed, added, tokenizer b, field alt
+
+
+def test_a_later_run_reads_only_the_files_whose_stat_changed(cache, tmp_path, monkeypatch):
+    from bstc.runtime import file_hashes
+
+    d = corpus(tmp_path / "d")
+    data, tok = str(d), Tokenizer(256)
+    read = []  # the files whose bytes were read to hash them
+    real = file_hashes.file_digest
+    monkeypatch.setattr(file_hashes, "file_digest", lambda p: read.append(Path(p).name) or real(p))
+    monkeypatch.setattr(file_hashes, "RACY_NS", 0)  # as if the files were written long before
+    first, where, _ = shards.load(data, "text", tok)
+    assert sorted(read) == ["p0.jsonl", "p1.jsonl", "p2.jsonl"] and (cache / shards.HASHES).is_file()
+    read.clear()
+    again, where2, hit = shards.load(data, "text", tok)
+    assert hit and where2 == where and read == []  # unchanged: no file read
+    assert not shards.load(data, "text", Tokenizer(512))[2] and read == []  # another tokenizer: another shard
+    # a new mtime with the same bytes: read again, and the same shard
+    f = d / "p1.jsonl"
+    os.utime(f, ns=(f.stat().st_atime_ns, f.stat().st_mtime_ns + 10**9))
+    assert shards.load(data, "text", tok)[1:] == (where, True) and read == ["p1.jsonl"]
+    # other bytes of the same size, the mtime given back: the ctime changed, so read again
+    read.clear()
+    time.sleep(0.05)  # past the file system's timestamp tick
+    st, text = f.stat(), f.read_text()
+    f.write_text(text.replace("line 3 abc", "line 3 xyz"))
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert f.stat().st_size == st.st_size and f.stat().st_ctime_ns != st.st_ctime_ns
+    changed, where3, hit = shards.load(data, "text", tok)
+    assert not hit and where3 != where and read == ["p1.jsonl"] and not same(changed, first)
+    # a file written within the racy window of its hashing is read again on the next run too
+    monkeypatch.setattr(file_hashes, "RACY_NS", 10**12)
+    read.clear()
+    assert shards.load(data, "text", tok)[1:] == (where3, True)
+    assert sorted(read) == ["p0.jsonl", "p1.jsonl", "p2.jsonl"]
+
+
+def test_an_unreadable_hash_record_is_rebuilt(cache, tmp_path):
+    data = str(corpus(tmp_path / "d"))
+    first, where, _ = shards.load(data, "text", Tokenizer(256))
+    (cache / shards.HASHES).write_text("{not json")
+    again, where2, hit = shards.load(data, "text", Tokenizer(256))
+    assert hit and where2 == where and json.loads((cache / shards.HASHES).read_text())
 
 
 def test_a_truncated_shard_is_encoded_again(cache, tmp_path):
