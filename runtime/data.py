@@ -147,23 +147,29 @@ def _jsonl_documents(path: Path, field: str) -> list[bytes]:
 
 
 def _parquet_documents(path: Path, field: str) -> list[bytes]:
+    """The texts of a Parquet file, read through grain's Parquet source (which reads with
+    pyarrow, the `parquet` extra). pyarrow reads the schema first, so a missing or non-text
+    column is one line before any row is read. Grain's source reads every column of a row
+    group, not just `field`: a corpus is read once, then its token shards are used."""
     import pyarrow as pa
     import pyarrow.parquet as pq
+    from grain.experimental import ParquetIterDataset
 
     try:
         pf = pq.ParquetFile(path)
-        names = pf.schema_arrow.names
-        if field not in names:
-            raise _field_error(f"Parquet file '{path}'", field, names)
-        col = pf.read(columns=[field]).column(field)
+        schema = pf.schema_arrow
+        if field not in schema.names:
+            raise _field_error(f"Parquet file '{path}'", field, schema.names)
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise DataError(f"Parquet file '{path}': column '{field}' holds {kind}, not text")
+        texts = [row[field] for row in ParquetIterDataset(str(path))] if pf.num_row_groups else []
     except DataError:
         raise
     except Exception as e:  # noqa: BLE001 - pyarrow raises several kinds; one line for the user
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot read Parquet file '{path}': {msg}") from None
-    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-        raise DataError(f"Parquet file '{path}': column '{field}' holds {col.type}, not text")
-    return [t.encode("utf-8") for t in col.to_pylist() if t is not None]
+    return [t.encode("utf-8") for t in texts if t is not None]
 
 
 def _arrayrecord_documents(path: Path, field: str) -> list[bytes]:

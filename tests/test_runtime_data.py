@@ -182,7 +182,8 @@ def test_parquet_and_arrayrecord_read_like_jsonl(tmp_path):
     from array_record.python.array_record_module import ArrayRecordWriter
 
     want = D.load_corpus(str(_jsonl(tmp_path / "c.jsonl", DOCS)))
-    pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), tmp_path / "c.parquet")
+    pq.write_table(pa.table({"id": list(range(len(DOCS))), "text": DOCS}), tmp_path / "c.parquet",
+                   row_group_size=2)  # grain's Parquet source goes from row group to row group
     got = D.load_corpus(str(tmp_path / "c.parquet"))
     w = ArrayRecordWriter(str(tmp_path / "c.arrayrecord"), "group_size:1")
     for i, d in enumerate(DOCS):  # JSON records and raw-text records may mix
