@@ -5,7 +5,8 @@ The protocol, for the op modules that support it:
     cache = module.init_cache(batch, dtype, length)            # length: tokens to be decoded
     cache, y_t = module.decode(cache, x_t, t, context=c_t)     # x_t (B, D), t the position
 
-where `c_t` is the context source's output at the same token (a context edge), and `y_t` equals
+where `c_t` is the context source's output at the same token (a context edge; a tuple of the
+sources' outputs, in the order written, for a layer with several), and `y_t` equals
 row t of `module(x)` for a causal module. Position-wise layers (MLP, norms, dropout) get it from
 `bstc.ops._common.Positionwise`; `s4d` and `gss` step the S4D recurrence
 (x_t = dA·x_{t−1} + dB·u_t); `long_conv` convolves a history of its kernel's length;

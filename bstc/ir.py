@@ -35,7 +35,9 @@ class Sublayer:
     norm: str  # rms | layer | none (applied to the sublayer's input when pre, output when post)
     placement: str  # pre | post
     residual: bool  # added to the residual stream (False for pure context sources)
-    context: Edge | None
+    # One edge, or a tuple of several (`context: [ssm -> mf, conv -> sh]`, in the order
+    # written); a one-element list is one Edge, so it is the same IR as the edge alone.
+    context: Edge | tuple[Edge, ...] | None
     out_shape: tuple
     span: Span | None = field(**_nocmp)
     arg_spans: tuple = field(default=(), compare=False, repr=False)
@@ -43,6 +45,24 @@ class Sublayer:
     @property
     def kwargs(self) -> dict[str, Any]:
         return dict(self.args)
+
+    @property
+    def edges(self) -> tuple[Edge, ...]:
+        """The context edges, none, one or several alike."""
+        c = self.context
+        return () if c is None else (c,) if isinstance(c, Edge) else c
+
+    @property
+    def context_spec(self):
+        """What the op's rules and builder receive: None, a ContextSpec, or a tuple of them."""
+        c = self.context
+        return None if c is None else c.spec if isinstance(c, Edge) else tuple(e.spec for e in c)
+
+
+def edges_text(edges: tuple[Edge, ...], variant=lambda e: e.variant) -> str:
+    """`ssm -> sh`, or `[ssm -> mf, conv -> sh]` for several edges."""
+    text = ", ".join(f"{e.source} -> {variant(e)}" for e in edges)
+    return text if len(edges) == 1 else f"[{text}]"
 
 
 @dataclass(frozen=True)
@@ -115,7 +135,7 @@ def dump(m: Model) -> str:
         out.append(f"    {inst.name}{share} {{")
         for s in inst.sublayers:
             args = ", ".join(f"{k}: {_fmt(v)}" for k, v in s.args)
-            ctx = f", context: {s.context.source} -> {s.context.variant}" if s.context else ""
+            ctx = f", context: {edges_text(s.edges)}" if s.context else ""
             flags = f"  # norm={s.norm} {s.placement} residual={_fmt(s.residual)} -> {fmt_shape(s.out_shape)}"
             out.append(f"      {s.name} = {s.kind}({args}{ctx}){flags}")
         out.append("    }")
@@ -160,14 +180,18 @@ def _template_fits(t: BlockInstance, o: BlockInstance) -> bool:
         ts = tsubs[s.name]
         if s.kind != ts.kind:
             return False
-        if ts.context is None and s.context is not None:
+        # o's edges are t's, in t's order, less those whose source o dropped (variant `none`)
+        tsrc, osrc = [e.source for e in ts.edges], [e.source for e in s.edges]
+        if [x for x in tsrc if x in osrc] != osrc or not set(tsrc) - set(osrc) <= removed:
             return False
-        if ts.context is not None and s.context is None and ts.context.source not in removed:
-            return False
-        if s.context is not None and s.context.source != ts.context.source:
-            return False
-    consumers = {ts.context.source for ts in t.sublayers if ts.context}
+    consumers = {e.source for ts in t.sublayers for e in ts.edges}
     return removed <= consumers
+
+
+def _edge_param(s: Sublayer, e: Edge) -> str:
+    """The block parameter of `to_bst` that carries an edge's variant: `ctx_attn` for a
+    sublayer's one edge, `ctx_attn_ssm` for each of several."""
+    return f"ctx_{s.name}" if len(s.edges) == 1 else f"ctx_{s.name}_{e.source}"
 
 
 def to_bst(m: Model) -> str:
@@ -194,13 +218,14 @@ def to_bst(m: Model) -> str:
                 variants[o.signature] = (f"{b}_{n}", o)
 
     def block_def(name: str, t: BlockInstance, param_edges: bool) -> str:
-        consumed = {s.context.source for s in t.sublayers if s.context}
-        params = [f"ctx_{s.name} = {s.context.variant}" for s in t.sublayers if s.context and param_edges]
+        consumed = {e.source for s in t.sublayers for e in s.edges}
+        params = [f"{_edge_param(s, e)} = {e.variant}" for s in t.sublayers for e in s.edges if param_edges]
         lines = [f"  block {name}" + (f"({', '.join(params)})" if params else "") + " {"]
         for s in t.sublayers:
             args = [f"{k}: {_bst_value(v)}" for k, v in _sub_args(s, s.name in consumed).items()]
             if s.context:
-                args.append(f"context: {s.context.source} -> {'ctx_' + s.name if param_edges else s.context.variant}")
+                variant = (lambda e, s=s: _edge_param(s, e)) if param_edges else (lambda e: e.variant)
+                args.append(f"context: {edges_text(s.edges, variant)}")
             lines.append(f"    {s.name} = {s.kind}({', '.join(args)})")
         lines.append("  }")
         return "\n".join(lines)
@@ -221,14 +246,15 @@ def to_bst(m: Model) -> str:
         osubs = {s.name: s for s in inst.sublayers}
         call = []
         for ts in t.sublayers:
-            if ts.context:
-                os_ = osubs.get(ts.name)
-                v = os_.context.variant if os_ is not None and os_.context else "none"
-                if v != ts.context.variant:
-                    call.append(f"ctx_{ts.name} = {v}")
+            os_ = osubs.get(ts.name)
+            have = {e.source: e.variant for e in os_.edges} if os_ is not None else {}
+            for e in ts.edges:
+                v = have.get(e.source, "none")
+                if v != e.variant:
+                    call.append(f"{_edge_param(ts, e)} = {v}")
         uses.append(f"    {inst.block}" + (f"({', '.join(call)})" if call else "") + share)
-        t_consumed = {s.context.source for s in t.sublayers if s.context}
-        o_consumed = {s.context.source for s in inst.sublayers if s.context} | (
+        t_consumed = {e.source for s in t.sublayers for e in s.edges}
+        o_consumed = {e.source for s in inst.sublayers for e in s.edges} | (
             {s.name for s in t.sublayers} - set(osubs))
         sets = []
         for ts in t.sublayers:

@@ -41,7 +41,8 @@ class Sub(eqx.Module):
     name: str = eqx.field(static=True)
     placement: str = eqx.field(static=True)
     residual: bool = eqx.field(static=True)
-    context_source: str | None = eqx.field(static=True)
+    # the sublayer whose output is this op's context; several (a tuple) with several edges
+    context_source: str | tuple[str, ...] | None = eqx.field(static=True)
     keep_output: bool = eqx.field(static=True)  # another sublayer reads this one's output
     kind: str = eqx.field(static=True, default="")  # the registered layer kinds that built
     norm_kind: str | None = eqx.field(static=True, default=None)  # `op` and `norm`
@@ -51,7 +52,7 @@ class Sub(eqx.Module):
     # The op's arguments and context, as its kind built it: what the kind's `logical_axes`
     # needs to name each parameter's axes (bstc.params.param_axes).
     args: tuple = eqx.field(static=True, default=())
-    context: ContextSpec | None = eqx.field(static=True, default=None)
+    context: ContextSpec | tuple[ContextSpec, ...] | None = eqx.field(static=True, default=None)
 
 
 def split_aux(out):
@@ -73,7 +74,8 @@ class Block(eqx.Module):
         aux = jnp.zeros((), jnp.float32)
         for i, sub in enumerate(self.subs):
             h = apply_norm(i, sub, x) if (sub.norm is not None and sub.placement == "pre") else x
-            ctx = outputs[sub.context_source] if sub.context_source else None
+            src = sub.context_source  # several edges: their outputs, in the order written
+            ctx = None if src is None else outputs[src] if isinstance(src, str) else tuple(outputs[n] for n in src)
             y, a = apply_op(i, sub, h, ctx)
             if a is not None:
                 aux = aux + a
@@ -331,17 +333,18 @@ def cast_floating(tree, dtype):
 
 # ---- building --------------------------------------------------------------------------------
 def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
-    consumed = {s.context.source for s in inst.sublayers if s.context}
+    consumed = {e.source for s in inst.sublayers for e in s.edges}
     keys = jax.random.split(key, 2 * len(inst.sublayers))
     subs = []
     for i, s in enumerate(inst.sublayers):
         op = REGISTRY[s.kind]
-        ctx = s.context.spec if s.context else None
+        ctx = s.context_spec
+        sources = tuple(e.source for e in s.edges)
         module = op.build(s.kwargs, dims, ctx, key=keys[2 * i])
         nk = norm_kind(s.norm)
         norm = REGISTRY[nk].build(op_args(nk), dims, None, key=keys[2 * i + 1]) if nk else None
         subs.append(Sub(norm, module, s.name, s.placement, s.residual,
-                        s.context.source if s.context else None, s.name in consumed, s.kind, nk,
+                        sources[0] if len(sources) == 1 else sources or None, s.name in consumed, s.kind, nk,
                         block_end_window(inst, s, dims), args=s.args, context=ctx))
     return Block(tuple(subs))
 

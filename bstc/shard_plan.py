@@ -100,7 +100,7 @@ class ShardPlan:
         for inst in self.model.layers:
             for s in inst.sublayers:
                 op = REGISTRY[s.kind]
-                a = op.activation_bytes_per_token(s.kwargs, d, s.context.spec if s.context else None)
+                a = op.activation_bytes_per_token(s.kwargs, d, s.context_spec)
                 resid = d.d_model * item
                 k = split(by_role[op.role]) if op.role in by_role else 1
                 per_token += min(a, resid) + max(a - resid, 0.0) / k

@@ -47,6 +47,12 @@ def case(id, text, *expected, overrides=None, files=None):
                 {k: textwrap.dedent(v).lstrip("\n") for k, v in (files or {}).items()})
 
 
+# Why an edge cannot name another block's sublayer, and what to write instead.
+EDGE_ACROSS_BLOCKS = (
+    "a sublayer of another block cannot be a source: a block's sublayers are local to it (blocks are "
+    "repeated, scanned and shared as units, so `block.sublayer` names no one layer); define the SSM in this "
+    "block and name it alone (`ssm -> sh`), with `residual: true` if it should also join the residual stream")
+
 # A small valid model that most rows change in one place (kept here for reference; every row
 # spells its whole file out so that line and column numbers can be read off the text):
 GOOD = """
@@ -560,6 +566,92 @@ CASES = [
         """,
          ("5:36", "a context edge can only be given as 'context', not 'window'", None)),
 
+    # ---- several context edges (`context: [a -> mf, b -> sh]`) -------------------------------------
+    case("context-list-source-twice", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 16, filters: 4)
+            attn = block_attention(window: window, context: [ssm -> mf, ssm -> sh])
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         ("5:65", "context source 'ssm' is named twice in the context of 'attn'",
+          "each source gives one context set; name it once (for more context vectors give it more filters "
+          "with `-> mf`)")),
+    case("context-list-each-edge-fits-its-source", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 16)
+            conv = long_conv()
+            attn = block_attention(window: window, context: [ssm -> mf, conv -> mh])
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         ("6:54", "context variant 'mf' needs a source with several filters, but it has 1",
+          "give the source e.g. `filters: 16` (S context vectors per block)"),
+         ("6:65", "context variant 'mh' needs one source filter per head (4), but the source has 1",
+          "give the source `filters: 4` (= heads)")),
+    case("context-list-every-edge-checked", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 16)
+            mlp  = mlp(hidden: 128)
+            attn = block_attention(window: window, context: [ssm2 -> sh, mlp -> sh, ssm -> mff])
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         ("6:54", "context source 'ssm2' is not defined in block 'bst'",
+          "did you mean 'ssm'?; defined here: ssm (line 4), mlp (line 5)"),
+         ("6:66", "'mlp' (mlp) cannot be a context source",
+          "context sources are SSM sublayers such as s4d or long_conv"),
+         ("6:84", "unknown context variant 'mff'", "did you mean 'mf'?")),
+    case("context-list-own-window-with-mf", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 16)
+            conv = long_conv(filters: 4)
+            attn = block_attention(window: window, context_block: own, context: [ssm -> sh, conv -> mf])
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         ("6:44", "`context_block: own` applies to every context edge of the layer, and edge 2 is 'mf' "
+          "(own applies to the 'sh' and 'mh' variants only)",
+          "feed the mf source to a block_attention of its own, use `-> sh` or `-> mh` for an own-window "
+          "context, or drop `context_block`")),
+    case("context-given-twice", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 16)
+            conv = long_conv()
+            attn = block_attention(window: window, context: ssm -> sh, context: conv -> sh)
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         ("6:64", "argument 'context' is given twice",
+          "give several context sources as one list: `context: [ssm -> mf, conv -> sh]`")),
+    case("context-source-in-another-block", """
+        model m {
+          vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
+          block a { ssm = s4d(state: 16, residual: true) }
+          block bst {
+            conv = long_conv()
+            attn = block_attention(window: window, context: [conv -> sh, a.ssm -> sh])
+          }
+          layers { embed; a; bst; head tied }
+        }
+        """,
+         ("6:67", "unexpected '.'", EDGE_ACROSS_BLOCKS)),
+
     # ---- shapes ------------------------------------------------------------------------------------
     case("multi-filter-ssm-joins-residual", """
         model m {
@@ -909,6 +1001,29 @@ CASES = [
         """,
          ("7:62", "context source 'sm' is not defined in block 'bst'",
           "did you mean 'ssm'?; defined here: ssm (line 6)")),
+    case("yaml-context-list-source-in-another-block", """
+        model: m
+        params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64}
+        blocks:
+          bst:
+            layers:
+              ssm: {kind: s4d, state: 16, filters: 4}
+              conv: {kind: long_conv}
+              attn: {kind: block_attention, window: window, context: [ssm -> mf, a.conv -> sh]}
+        layers: [embed, bst, {head: tied}]
+        """,
+         ("8:75", "unexpected '.'", EDGE_ACROSS_BLOCKS)),
+    case("yaml-context-list-not-edges", """
+        model: m
+        params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64}
+        blocks:
+          bst:
+            layers:
+              ssm: {kind: s4d, state: 16, filters: 4}
+              attn: {kind: block_attention, window: window, context: [ssm -> mf, 3]}
+        layers: [embed, bst, {head: tied}]
+        """,
+         ("7:74", "a list value holds context edges, `source -> variant`", "e.g. `context: [ssm -> mf, conv -> sh]`")),
 
     # ---- mesh and rules ----------------------------------------------------------------------------
     case("mesh-unknown-mesh-axis", """

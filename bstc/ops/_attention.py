@@ -43,35 +43,49 @@ def attend(q: Float[Array, "... Tq H dh"], k: Float[Array, "... Tk G dh"], v: Fl
     return mix(w.astype(v.dtype), v).astype(q.dtype)
 
 
-def block_mask(window: int, n_context: int, causal_context: bool = False) -> Bool[Array, "W S+W"]:
+def block_mask(window: int, n_context: int | tuple[int, ...], causal_context: bool | tuple[bool, ...] = False
+               ) -> Bool[Array, "W S+W"]:
     """[ones(W, S) | tril(W)]: every query sees all context vectors and the block's past.
     `causal_context`: the context is the block's own window (S = W, slot i from position i of
-    the block), so query i sees context slots 0..i only: [tril(W) | tril(W)]."""
+    the block), so query i sees context slots 0..i only: [tril(W) | tril(W)].
+
+    Several context sets (one per context edge) are laid side by side: `n_context` gives their
+    sizes in order and `causal_context` one flag per set, so the own-window mask applies to
+    the slots of the sets that need it and no others: [ones(W, S1) | tril(W) | … | tril(W)]."""
+    sizes = (n_context,) if isinstance(n_context, int) else tuple(n_context)
+    flags = causal_context if isinstance(causal_context, tuple) else (causal_context,) * len(sizes)
+    if len(flags) != len(sizes):
+        raise ValueError(f"{len(sizes)} context sets but {len(flags)} causal_context flags")
     tril = jnp.tril(jnp.ones((window, window), bool))
-    if causal_context:
-        if n_context != window:
-            raise ValueError(f"a causal context has one slot per position of the block ({window}), got {n_context}")
-        return jnp.concatenate([tril, tril], axis=1)
-    return jnp.concatenate([jnp.ones((window, n_context), bool), tril], axis=1)
+    parts = []
+    for S, causal in zip(sizes, flags):
+        if causal and S != window:
+            raise ValueError(f"a causal context has one slot per position of the block ({window}), got {S}")
+        parts.append(tril if causal else jnp.ones((window, S), bool))
+    return jnp.concatenate(parts + [tril], axis=1)
 
 
 def blockwise_attention(q: Float[Array, "B L H dh"], k: Float[Array, "B L H dh"], v: Float[Array, "B L H dh"],
                         window: int, ctx_k: Float[Array, "B nb S H dh"] | None = None,
                         ctx_v: Float[Array, "B nb S H dh"] | None = None,
-                        causal_context: bool = False) -> Float[Array, "B L H dh"]:
+                        causal_context: bool | tuple[bool, ...] = False,
+                        context_sizes: tuple[int, ...] | None = None) -> Float[Array, "B L H dh"]:
     """Causal attention within blocks of `window` tokens, plus full attention to each block's
     context vectors (or, with `causal_context`, causal attention to a context aligned with the
     block's positions: see `block_mask`). Computed block by block (B·L/W independent problems
-    of W queries and S + W keys): the L×L logits are never built, so the cost is O(L·(S + W)·D)."""
+    of W queries and S + W keys): the L×L logits are never built, so the cost is O(L·(S + W)·D).
+
+    `ctx_k`/`ctx_v` may hold several context sets concatenated along the slot axis;
+    `context_sizes` then gives their sizes and `causal_context` one flag per set."""
     B, L, H, dh = q.shape
     nb = L // window
     qb, kb, vb = (t.reshape(B, nb, window, *t.shape[2:]) for t in (q, k, v))  # k, v: G ≤ H heads
-    S = 0
+    sizes: tuple[int, ...] | int = 0
     if ctx_k is not None:
-        S = ctx_k.shape[2]
+        sizes = context_sizes if context_sizes is not None else ctx_k.shape[2]
         kb = jnp.concatenate([ctx_k.astype(kb.dtype), kb], axis=2)
         vb = jnp.concatenate([ctx_v.astype(vb.dtype), vb], axis=2)
-    out = attend(qb, kb, vb, block_mask(window, S, causal_context))
+    out = attend(qb, kb, vb, block_mask(window, sizes, causal_context))
     return out.reshape(B, L, H, dh)
 
 

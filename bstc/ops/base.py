@@ -57,6 +57,9 @@ class Dims:
 class ContextSpec:
     """What a context-injection edge delivers to the op that consumes it.
 
+    An op fed by several edges (`context: [ssm -> mf, conv -> sh]`) receives a tuple of them,
+    in the order written, wherever one ContextSpec is passed otherwise.
+
     variant: 'sh' | 'mh' | 'mf'
     filters: F, the number of filters (output sets) of the source SSM; the source's output is
              (B, L, D) when F == 1 and (B, L, F, D) otherwise.
@@ -111,11 +114,14 @@ ROLES: dict[str, OptimRole] = {r.name: r for r in (
 
 @dataclass(frozen=True)
 class Problem:
-    """A semantic error found by an op's `check`; `arg` names the offending argument (for the caret)."""
+    """A semantic error found by an op's `check`; `arg` names the offending argument (for the caret).
+    `edge`: for a layer with several context edges, the index of the edge the problem is about
+    (the caret goes under that edge)."""
 
     message: str
     arg: str | None = None
     hint: str | None = None
+    edge: int | None = None
 
 
 class Op:

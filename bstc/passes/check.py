@@ -42,47 +42,16 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
             continue
         universal = {k: sub.args.pop(k) for k in UNIVERSAL_ARGS if k in sub.args}
         args = _check_args(op, sub, errors, params)
-        ctx = None
-        if sub.edge is not None:
-            edge_ast, variant, vspan = sub.edge
-            src = edge_ast.source
-            if not op.accepts_context:
-                errors.error(edge_ast.span, f"layer kind '{sub.kind}' does not take a context edge",
-                             "context edges feed block_attention")
-            elif src == sub.name:
-                errors.error(edge_ast.source_span, f"sublayer '{sub.name}' cannot be its own context source")
-            elif src not in defined:
-                later = [s for s in raw.subs if s.name == src]
-                if later:
-                    errors.error(edge_ast.source_span,
-                                 f"context source '{src}' is defined after '{sub.name}' in block '{raw.block}'",
-                                 f"move `{src} = ...` above `{sub.name} = ...`: a context source must precede its use")
-                else:
-                    names = ", ".join(f"{s} (line {defined[s].span.line})" if defined[s].span else s for s in defined)
-                    hint = "; ".join(h for h in (suggest(src, defined), f"defined here: {names}" if names else None) if h)
-                    errors.error(edge_ast.source_span, f"context source '{src}' is not defined in block '{raw.block}'",
-                                 hint or None)
-            elif variant not in VARIANTS:
-                errors.error(vspan, f"unknown context variant '{variant}'", suggest_or_list(variant, VARIANTS, "variants"))
-            elif src not in outputs:
-                pass  # the source itself had errors
-            elif not outputs[src][0].context_source:
-                errors.error(edge_ast.source_span, f"'{src}' ({defined[src].kind}) cannot be a context source",
-                             "context sources are SSM sublayers such as s4d or long_conv")
-            elif variant != "none":
-                consumed.add(src)
-                ctx = ir.Edge(src, variant, outputs[src][2])
-            else:
-                consumed.add(src)  # `none`: the source is dropped below (the paper's ablation)
+        ctx, kept = _check_edges(sub, op, raw, defined, outputs, consumed, errors)
         if args is not None:
-            dims_ok = shallow or _run_op_check(op, sub, args, dims, ctx, errors)
+            dims_ok = shallow or _run_op_check(op, sub, args, dims, ctx, kept, errors)
             if dims_ok:
                 outputs[sub.name] = (op, args, op.filters(args, dims))
         defined[sub.name] = sub
         out.append((sub, op, args, ctx, universal))
 
     # A source whose edge is `none` carries nothing: drop it (unless something else uses it).
-    used = {c.source for (_, _, _, c, _) in out if c is not None}
+    used = {e.source for (_, _, _, c, _) in out if c is not None for e in (c if isinstance(c, tuple) else (c,))}
     subs = []
     for sub, op, args, ctx, universal in out:
         if sub.name in consumed and sub.name not in used and "residual" not in universal:
@@ -115,6 +84,57 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
     return ir.BlockInstance(raw.block, raw.index, tuple(subs), raw.share, span=raw.span)
 
 
+DUPLICATE_SOURCE_HINT = ("each source gives one context set; name it once (for more context vectors give it "
+                         "more filters with `-> mf`)")
+
+
+def _check_edges(sub: RawSub, op, raw: RawInstance, defined: dict, outputs: dict, consumed: set, errors: Collector):
+    """A sublayer's context edges, each checked as the only one would be: (the IR's context —
+    None, one Edge, or a tuple of them in the order written —, the AST edges it keeps). An edge
+    whose variant is `none` is dropped with its source (the paper's ablation)."""
+    if not sub.edges:
+        return None, []
+    if not op.accepts_context:
+        errors.error(sub.context_span, f"layer kind '{sub.kind}' does not take a context edge",
+                     "context edges feed block_attention")
+        return None, []
+    kept, named = [], set()
+    for edge_ast, variant, vspan in sub.edges:
+        src = edge_ast.source
+        if src in named:
+            errors.error(edge_ast.source_span, f"context source '{src}' is named twice in the context of "
+                         f"'{sub.name}'", DUPLICATE_SOURCE_HINT)
+            continue
+        named.add(src)
+        if src == sub.name:
+            errors.error(edge_ast.source_span, f"sublayer '{sub.name}' cannot be its own context source")
+        elif src not in defined:
+            later = [s for s in raw.subs if s.name == src]
+            if later:
+                errors.error(edge_ast.source_span,
+                             f"context source '{src}' is defined after '{sub.name}' in block '{raw.block}'",
+                             f"move `{src} = ...` above `{sub.name} = ...`: a context source must precede its use")
+            else:
+                names = ", ".join(f"{s} (line {defined[s].span.line})" if defined[s].span else s for s in defined)
+                hint = "; ".join(h for h in (suggest(src, defined), f"defined here: {names}" if names else None) if h)
+                errors.error(edge_ast.source_span, f"context source '{src}' is not defined in block '{raw.block}'",
+                             hint or None)
+        elif variant not in VARIANTS:
+            errors.error(vspan, f"unknown context variant '{variant}'", suggest_or_list(variant, VARIANTS, "variants"))
+        elif src not in outputs:
+            pass  # the source itself had errors
+        elif not outputs[src][0].context_source:
+            errors.error(edge_ast.source_span, f"'{src}' ({defined[src].kind}) cannot be a context source",
+                         "context sources are SSM sublayers such as s4d or long_conv")
+        else:
+            consumed.add(src)  # with `none` as well: the source is dropped below
+            if variant != "none":
+                kept.append((ir.Edge(src, variant, outputs[src][2]), edge_ast))
+    edges = tuple(e for e, _ in kept)
+    ctx = None if not edges else edges[0] if len(edges) == 1 else edges
+    return ctx, [a for _, a in kept]
+
+
 def _universal(universal: dict, key: str, default, allowed, errors: Collector):
     if key not in universal:
         return default
@@ -137,7 +157,8 @@ def _check_args(op, sub: RawSub, errors: Collector, names=()) -> dict | None:
     for k, a in sub.args.items():
         p = schema.get(k)
         if p is None and k == "context" and op.accepts_context:
-            errors.error(a.span, "'context' takes an edge `source -> variant`", "e.g. `context: ssm -> sh`")
+            errors.error(a.span, "'context' takes an edge `source -> variant`, or a list of them",
+                         "e.g. `context: ssm -> sh` or `context: [ssm -> mf, conv -> sh]`")
             ok = False
             continue
         if p is None:
@@ -225,15 +246,15 @@ def _range_problem(p: Param, v) -> str | None:
     return None
 
 
-def _run_op_check(op, sub: RawSub, args: dict, dims: Dims, ctx: ir.Edge | None, errors: Collector) -> bool:
-    spec = ctx.spec if ctx is not None else None
+def _run_op_check(op, sub: RawSub, args: dict, dims: Dims, ctx, kept: list, errors: Collector) -> bool:
+    spec = None if ctx is None else ctx.spec if isinstance(ctx, ir.Edge) else tuple(e.spec for e in ctx)
     problems = op.check(args, dims, spec)
     for pr in problems:
         span = sub.span
         if pr.arg is not None and pr.arg in sub.args and sub.args[pr.arg].span is not None:
             span = sub.args[pr.arg].span
-        elif pr.arg == "context" and sub.edge is not None:
-            span = sub.edge[0].span
+        elif pr.arg == "context" and kept:
+            span = kept[pr.edge or 0].span  # the edge the problem is about
         errors.error(span, pr.message, pr.hint)
     return not problems
 

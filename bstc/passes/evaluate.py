@@ -114,7 +114,7 @@ def _eval(e, scope: Scope, errors: Collector):
             errors.error(e.span, "number too large", "numbers are limited to 10^18")
             raise _Fail from None
         return _checked(r, e, errors)
-    if isinstance(e, ast.Edge):
+    if isinstance(e, (ast.Edge, ast.Edges)):
         errors.error(e.span, "a context edge is only allowed as the 'context' argument of a sublayer")
         raise _Fail
     raise TypeError(f"not an expression: {e!r}")

@@ -27,7 +27,9 @@ class RawSub:
     span: Span | None
     kind_span: Span | None
     args: dict  # name -> RawArg (evaluated)
-    edge: tuple | None = None  # (ast.Edge, resolved variant str, variant span)
+    # the context edges in the order written: (ast.Edge, resolved variant str, variant span) each
+    edges: tuple = ()
+    context_span: Span | None = None  # the whole `context` value (one edge or the list)
 
 
 @dataclass
@@ -266,7 +268,9 @@ def _check_block_def(b: ast.BlockDef, errors: Collector, scope: Scope) -> None:
         seen_args = set()
         for a in s.args:
             if a.name in seen_args:
-                errors.error(a.span, f"argument '{a.name}' is given twice")
+                errors.error(a.span, f"argument '{a.name}' is given twice",
+                             "give several context sources as one list: `context: [ssm -> mf, conv -> sh]`"
+                             if a.name == "context" else None)
             seen_args.add(a.name)
     seen = set()
     used = {n.id for s in b.subs for a in s.args for n in ast.names_in(a.value)}
@@ -356,25 +360,30 @@ def _instantiate(b: ast.BlockDef, use: ast.Use, idx: int, scope: Scope, errors: 
     subs = []
     for s in b.subs:
         args = {}
-        edge = None
+        edges, context_span = (), None
         for a in s.args:
-            if isinstance(a.value, ast.Edge):
+            if ast.edges_of(a.value) is not None:
                 if a.name != "context":
                     errors.error(a.value.span, f"a context edge can only be given as 'context', not '{a.name}'")
                     args[a.name] = RawArg(None, a.span)  # reported; not "missing" as well
                     continue
-                found, var = inner.lookup(a.value.variant)
-                variant = str(var) if found and var is not None else a.value.variant
-                # a variant that came through a block parameter is reported where it was given
-                vspan = getattr(var, "span", None) if found and isinstance(var, Symbol) else None
-                edge = (a.value, variant, vspan or a.value.variant_span)
+                edges, context_span = tuple(_edge(e, inner) for e in ast.edges_of(a.value)), a.value.span
                 continue
             # A value that comes from an argument given at this use (`b(w = 7)`) is reported
             # there: that is where the user wrote the number the error is about.
             given = [given_spans[n.id] for n in ast.names_in(a.value) if n.id in given_spans]
             args[a.name] = RawArg(evaluate(a.value, inner, errors), given[0] if given else a.span)
-        subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edge))
+        subs.append(RawSub(s.name, s.kind, s.span, s.kind_span, args, edges, context_span))
     return RawInstance(b.name, idx, use.share, use.span, subs)
+
+
+def _edge(e: ast.Edge, inner: Scope) -> tuple:
+    """(edge, its variant resolved in the block's scope, where to report the variant)."""
+    found, var = inner.lookup(e.variant)
+    variant = str(var) if found and var is not None else e.variant
+    # a variant that came through a block parameter is reported where it was given
+    vspan = getattr(var, "span", None) if found and isinstance(var, Symbol) else None
+    return (e, variant, vspan or e.variant_span)
 
 
 def _apply_override(inst: RawInstance, ov: ast.Override, b: ast.BlockDef, scope: Scope, errors: Collector) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from bstc.errors import Collector, suggest, suggest_or_list
 from bstc.ops import REGISTRY
-from bstc.passes.check import VARIANTS
+from bstc.passes.check import DUPLICATE_SOURCE_HINT, VARIANTS
 from bstc.passes.evaluate import Scope, evaluate
 from bstc.passes.expand import UNIVERSAL_ARGS, block_table
 from bstc.passes.resolve import _check_forward_refs, fresh_parameter
@@ -28,6 +28,19 @@ def check_library(lib: ast.ModelDef, errors: Collector) -> dict[str, ast.BlockDe
     return blocks
 
 
+def _check_edge(e: ast.Edge, s: ast.SubDef, b: ast.BlockDef, params: set, defined: dict, errors: Collector) -> None:
+    """One edge of a sublayer's context: a source above it that can be one, a known variant."""
+    if e.source not in defined:
+        errors.error(e.source_span, f"context source '{e.source}' is not defined above '{s.name}' "
+                     f"in block '{b.name}'", suggest(e.source, defined))
+    elif defined[e.source] is not None and not defined[e.source].context_source:
+        errors.error(e.source_span, f"'{e.source}' cannot be a context source",
+                     "context sources are SSM sublayers such as s4d or long_conv")
+    elif e.variant not in params and e.variant not in VARIANTS:
+        errors.error(e.variant_span, f"unknown context variant '{e.variant}'",
+                     suggest_or_list(e.variant, VARIANTS, "variants"))
+
+
 def _check_block(b: ast.BlockDef, errors: Collector) -> None:
     params = {p.name for p in b.params}
     defined: dict[str, object] = {}  # sublayer -> its op (None: unknown kind)
@@ -42,22 +55,21 @@ def _check_block(b: ast.BlockDef, errors: Collector) -> None:
         misspelled = set()  # required parameters an unknown argument was suggested for: not "missing" too
         for a in s.args:
             given.add(a.name)
-            if isinstance(a.value, ast.Edge):
-                e = a.value
+            edges = ast.edges_of(a.value)
+            if edges is not None:
                 if a.name != "context":
-                    errors.error(e.span, f"a context edge can only be given as 'context', not '{a.name}'")
+                    errors.error(a.value.span, f"a context edge can only be given as 'context', not '{a.name}'")
                 elif not op.accepts_context:
-                    errors.error(e.span, f"layer kind '{s.kind}' does not take a context edge",
+                    errors.error(a.value.span, f"layer kind '{s.kind}' does not take a context edge",
                                  "context edges feed block_attention")
-                elif e.source not in defined:
-                    errors.error(e.source_span, f"context source '{e.source}' is not defined above '{s.name}' "
-                                 f"in block '{b.name}'", suggest(e.source, defined))
-                elif defined[e.source] is not None and not defined[e.source].context_source:
-                    errors.error(e.source_span, f"'{e.source}' cannot be a context source",
-                                 "context sources are SSM sublayers such as s4d or long_conv")
-                elif e.variant not in params and e.variant not in VARIANTS:
-                    errors.error(e.variant_span, f"unknown context variant '{e.variant}'",
-                                 suggest_or_list(e.variant, VARIANTS, "variants"))
+                else:
+                    named = set()
+                    for e in edges:
+                        if e.source in named:
+                            errors.error(e.source_span, f"context source '{e.source}' is named twice in the "
+                                         f"context of '{s.name}'", DUPLICATE_SOURCE_HINT)
+                        named.add(e.source)
+                        _check_edge(e, s, b, params, defined, errors)
                 continue
             if a.name not in schema and a.name not in UNIVERSAL_ARGS:
                 allowed = sorted(schema) + list(UNIVERSAL_ARGS) + (["context"] if op.accepts_context else [])

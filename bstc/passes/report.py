@@ -28,10 +28,11 @@ def block_end_window(inst: ir.BlockInstance, s: ir.Sublayer, dims) -> int:
     W tokens: it is a context source read by nothing else (not the residual stream), every
     reader reads with stride W (`Op.context_stride`: the 'mf' context) and its kind can compute
     just those outputs (`Op.block_ends_flops_per_token`). 0 otherwise: every position."""
-    readers = [r for r in inst.sublayers if r.context is not None and r.context.source == s.name]
-    if s.residual or not readers:
+    # every edge that reads `s` (a reader with several edges is asked about that edge alone)
+    reads = [(r, e) for r in inst.sublayers for e in r.edges if e.source == s.name]
+    if s.residual or not reads:
         return 0
-    strides = {REGISTRY[r.kind].context_stride(r.kwargs, dims, r.context.spec) for r in readers}
+    strides = {REGISTRY[r.kind].context_stride(r.kwargs, dims, e.spec) for r, e in reads}
     if len(strides) != 1 or (W := strides.pop()) <= 1:
         return 0
     return W if REGISTRY[s.kind].block_ends_flops_per_token(s.kwargs, dims, W) is not None else 0
@@ -129,7 +130,7 @@ def build_report(m: ir.Model, batch: int = 8) -> Report:
         for s in inst.sublayers:
             op = REGISTRY[s.kind]
             args = s.kwargs
-            ctx = s.context.spec if s.context else None
+            ctx = s.context_spec
             params = op.param_count(args, d, ctx)
             ends = block_end_window(inst, s, d)
             flops = op.block_ends_flops_per_token(args, d, ends) if ends else op.flops_per_token(args, d, ctx)
@@ -143,7 +144,7 @@ def build_report(m: ir.Model, batch: int = 8) -> Report:
             if shared_again:
                 params, note = 0, f"shared ({inst.share})"
             if s.context:
-                note = (note + " " if note else "") + f"context {s.context.source}->{s.context.variant}"
+                note = (note + " " if note else "") + "context " + ", ".join(f"{e.source}->{e.variant}" for e in s.edges)
             if ends:
                 note = (note + " " if note else "") + f"block ends (every {ends})"
             add(f"{inst.name}.{s.name}", s.kind, s.out_shape, params, flops, op.role, note, flops_norm)

@@ -58,12 +58,28 @@ class Edge:
     variant_span: Span | None = _span()
 
 
+@dataclass(frozen=True)
+class Edges:
+    """Several context edges, `[ssm -> mf, conv -> sh]`: one context set per edge."""
+
+    edges: tuple[Edge, ...]
+    span: Span | None = _span()
+
+
 Expr = Union[Num, Str, Name, BinOp, Neg]
+
+
+def edges_of(v) -> tuple[Edge, ...] | None:
+    """The edges of a value that is an edge or a list of them, else None."""
+    return (v,) if isinstance(v, Edge) else v.edges if isinstance(v, Edges) else None
 
 
 def names_in(e):
     """Every Name in an expression (an edge's variant counts as one), left to right."""
-    if isinstance(e, Edge):
+    if isinstance(e, Edges):
+        for edge in e.edges:
+            yield from names_in(edge)
+    elif isinstance(e, Edge):
         yield Name(e.variant, e.variant_span)
     elif isinstance(e, Name):
         yield e
@@ -72,7 +88,7 @@ def names_in(e):
         yield from names_in(e.right)
     elif isinstance(e, Neg):
         yield from names_in(e.operand)
-Value = Union[Expr, Edge]
+Value = Union[Expr, Edge, Edges]
 
 
 # ---- declarations -----------------------------------------------------------------------

@@ -132,6 +132,10 @@ class _ToAst(Transformer):
         src, var = children
         return ast.Edge(str(src), str(var), self._s(meta), self._t(src), self._t(var))
 
+    @v_args(meta=True)
+    def edges(self, meta, children):
+        return ast.Edges(tuple(children), self._s(meta))
+
     # ---- declarations
     @v_args(meta=True)
     def assign(self, meta, children):
@@ -315,6 +319,16 @@ _SECTIONS = ("block", "layers", "mesh", "rules")
 RESERVED_BLOCK_NAMES = KEYWORDS + ("tokens",)
 
 
+# Why an edge cannot name a sublayer of another block (`context: a.ssm -> sh`), and what to
+# write instead. A block's sublayers are local to it: a block is a unit that is repeated,
+# scanned (one traced body for all occurrences), shared and placed by patterns, so `a.ssm`
+# would not say which occurrence of `a` is meant, and an earlier block's source output would
+# have to outlive its block (carried through the scan and the decode caches).
+EDGE_ACROSS_BLOCKS_HINT = (
+    "a sublayer of another block cannot be a source: a block's sublayers are local to it (blocks are "
+    "repeated, scanned and shared as units, so `block.sublayer` names no one layer); define the SSM in this block "
+    "and name it alone (`ssm -> sh`), with `residual: true` if it should also join the residual stream")
+
 _BUILTIN_HINTS = {
     "NORM": "write `norm rms`, `norm layer` or `norm none` ('norm' is a reserved word, not a block name)",
     "HEAD": "write `head tied` or `head untied` ('head' is a reserved word, not a block name)",
@@ -385,8 +399,7 @@ def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
                 elif str(tok) == "." and prev is not None and prev.type == "NAME" and any(
                         p.get_terminal(t).pattern.value == "->" for t in expected if t != "$END"):
                     # `context: a.ssm -> sh`: an edge reaching into another block
-                    hint = ("a context edge's source is a sublayer of the same block, named alone "
-                            "(`ssm -> sh`); a sublayer of another block cannot be a source")
+                    hint = EDGE_ACROSS_BLOCKS_HINT
                 errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
                              f"unexpected {_describe_token(tok, p)}", hint)
             # A missing name, number or ')' just before `tok`: supply it and keep `tok`.
@@ -545,6 +558,11 @@ def _parse_value(text: str, file: str, line: int, col: int, errors: Collector):
         tree = _value_parser().parse(text)
     except UnexpectedInput as e:
         c = col + (getattr(e, "column", 1) or 1) - 1
+        at = getattr(e, "pos_in_stream", None)
+        if at is not None and text[at:at + 1] == "." and "->" in text[at:]:
+            # `context: a.ssm -> sh`, as in a .bst file
+            errors.error(Span(file, line, c, line, c + 1), "unexpected '.'", EDGE_ACROSS_BLOCKS_HINT)
+            return None
         errors.error(Span(file, line, c, line, c + 1), f"cannot parse expression {text!r}",
                      "expressions use numbers, parameter names, + - * / // % ** and parentheses")
         return None

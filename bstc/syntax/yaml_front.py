@@ -97,7 +97,18 @@ class _Walker:
         return node.value
 
     def value(self, node, edge_ok: bool = True):
-        """A scalar → expression AST (strings are parsed with the DSL's expression grammar)."""
+        """A scalar → expression AST (strings are parsed with the DSL's expression grammar); a
+        list of edge strings → several context edges (`context: [ssm -> mf, conv -> sh]`)."""
+        if isinstance(node, yaml.SequenceNode) and edge_ok and node.value:
+            edges = [self.value(item) for item in node.value]
+            if any(e is None for e in edges):
+                return None  # reported
+            bad = [(item, e) for item, e in zip(node.value, edges) if not isinstance(e, ast.Edge)]
+            if bad:
+                self.err(bad[0][0], "a list value holds context edges, `source -> variant`",
+                         "e.g. `context: [ssm -> mf, conv -> sh]`")
+                return None
+            return ast.Edges(tuple(edges), self.span(node))
         if not isinstance(node, yaml.ScalarNode):
             self.err(node, "expected a number, name or expression")
             return None
@@ -113,7 +124,7 @@ class _Walker:
         text = node.value
         col = sp.col + (1 if node.style in ("'", '"') else 0)
         v = parse_expr(text, self.file, sp.line, col, self.errors)
-        if isinstance(v, ast.Edge) and not edge_ok:
+        if isinstance(v, (ast.Edge, ast.Edges)) and not edge_ok:
             self.err(node, "a context edge is only allowed as the 'context' argument of a sublayer")
             return None
         return v
