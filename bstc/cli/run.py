@@ -403,6 +403,24 @@ def experiment_recall(
     typer.echo(_json.dumps(run_recall(RecallSetup(steps=steps, pairs=pairs, seed=seed), out, progress=True), indent=2))
 
 
+@experiment_app.command("recall-table")
+@command
+def experiment_recall_table(
+    out: Path = typer.Option(Path("runs/recall-table"), "-o", "--out", help="Output directory (resumable)."),
+    variants: Optional[str] = typer.Option(None, "--variants",
+                                           help="Comma-separated variants (default: every one; see docs/results.md)."),
+    steps: int = typer.Option(3000, "--steps", help="Training steps per variant."),
+    seed: int = typer.Option(0, "--seed", help="Seed."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress bar."),
+):
+    """Associative recall with shuffled queries: every context source, block-local attention and today's
+    hybrids on one task; accuracy at 1x, 2x, 4x, 8x the training length."""
+    from bstc.runtime.recall_table import Setup, run_table
+
+    enable_compilation_cache()
+    run_table(out, _csv(variants, "--variants"), Setup(steps=steps, seed=seed), progress=not quiet)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(experiment_app, name="experiment")
     app.command("train")(train)
