@@ -72,21 +72,38 @@ class RunFiles:
         model_file = None
         if spec.file is not None:
             copy = self.model_file(spec.file.suffix)
-            model_file = copy.name
             if spec.file.resolve() != copy.resolve():
                 # A model that imports block libraries is kept as one self-contained file (the
                 # same IR), so the run rebuilds it however the libraries later move or change.
-                from bstc.frontend import bundle
-
-                text = bundle(spec.file)
+                suffix, text = _self_contained(spec)
+                copy = self.model_file(suffix)
                 if text is not None:
                     copy.write_text(text)
                 else:
                     shutil.copyfile(spec.file, copy)
+            model_file = copy.name
         info: dict[str, Any] = dict(model=spec.name, model_file=model_file, overrides=spec.overrides,
                                     fingerprint=spec.fingerprint, vocab=spec.vocab, seq_len=spec.seq_len,
                                     window=spec.window, created=_dt.datetime.now().isoformat(timespec="seconds"))
         self.info.write_text(json.dumps(info, indent=2) + "\n")
+
+
+def _self_contained(spec) -> tuple[str, str | None]:
+    """The suffix and text of the run's copy of a model file that imports libraries: the file
+    with its `.bst` libraries written in (`bundle`, comments kept) or, where that cannot be done
+    in text (YAML on either side), the checked model printed as `.bst` (`to_bst`: the same IR,
+    every parameter still declared, so the run's overrides apply to it as before). Text None:
+    nothing is imported, copy the file as it is."""
+    from bstc.frontend import bundle, parse_ast
+    from bstc.ir import to_bst
+
+    text = bundle(spec.file)
+    if text is not None:
+        return ".bst", text
+    tree = parse_ast(spec.file)[0]
+    if tree is None or not tree.imports or spec.model_ir is None:
+        return spec.file.suffix, None
+    return ".bst", to_bst(spec.model_ir)
 
 
 def check_run_dir(run_dir: Path) -> None:

@@ -130,6 +130,37 @@ def test_yaml_imports_and_yaml_libraries(tmp_path):
     assert check_library(str(tmp_path / "lib.yaml")).name == "lib"
 
 
+def test_a_run_of_a_yaml_model_with_imports_outlives_its_libraries(tmp_path):
+    """A YAML model cannot be bundled in text: the run keeps the checked model printed as one
+    `.bst` file, so evaluating and resuming the run need neither the YAML file nor its library."""
+    from bstc.runtime.config import RunConfig
+    from bstc.runtime.evaluator import evaluate
+    from bstc.runtime.model import spec_from_file
+    from bstc.runtime.trainer import train
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "lib.yaml").write_text(
+        "library: lib\nparams: {ssm_state: 8}\nblocks:\n  bst:\n    layers:\n      ssm: {kind: s4d, state: ssm_state}\n"
+        "      attn: {kind: block_attention, window: window, context: ssm -> sh}\n")
+    m = src / "m.yaml"
+    m.write_text("imports: [lib.yaml]\nmodel: m\nparams: {vocab: 256, d_model: 32, heads: 2, window: 16, seq_len: 64}\n"
+                 "layers: [embed, bst, {head: tied}]\n")
+    run = tmp_path / "run"
+    over = {"d_model": 16}
+    spec = spec_from_file(m, over)
+    train(RunConfig(model=str(m), set=over, steps=2, batch=2, eval_every=0, ckpt_every=2), run, spec,
+          progress=False, plot=False, tensorboard=False)
+    copy = run / "model.bst"
+    assert copy.is_file() and not (run / "model.yaml").exists() and "import" not in copy.read_text()
+    assert bstc.parse(str(copy), overrides=over) == spec.model_ir
+    shutil.rmtree(src)  # the libraries move away: the run still rebuilds the same model
+    ev = evaluate(run, lengths=[64], max_tokens=256)
+    assert ev["step"] == 2
+    train(RunConfig(model=str(copy), set=over, steps=3, batch=2, eval_every=0, ckpt_every=1), run,
+          spec_from_file(copy, over), resume=True, progress=False, plot=False, tensorboard=False)
+
+
 def test_a_library_imported_twice_counts_once(tmp_path):
     """A diamond (two libraries importing a third) is no clash."""
     (tmp_path / "base.bst").write_text("library base {\n  block local { attn = block_attention(window: window) }\n}\n")
