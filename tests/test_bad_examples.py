@@ -49,9 +49,9 @@ def case(id, text, *expected, overrides=None, files=None):
 
 # Why an edge cannot name another block's sublayer, and what to write instead.
 EDGE_ACROSS_BLOCKS = (
-    "a sublayer of another block cannot be a source: a block's sublayers are local to it (blocks are "
-    "repeated, scanned and shared as units, so `block.sublayer` names no one layer); define the SSM in this "
-    "block and name it alone (`ssm -> sh`), with `residual: true` if it should also join the residual stream")
+    "a block's sublayers are local to it (blocks are repeated, scanned and shared as units, so "
+    "`block.sublayer` names no one layer); define the SSM in this block and name it alone (`ssm -> sh`), "
+    "with `residual: true` if it should also join the residual stream")
 
 # A small valid model that most rows change in one place (kept here for reference; every row
 # spells its whole file out so that line and column numbers can be read off the text):
@@ -650,7 +650,7 @@ CASES = [
           layers { embed; a; bst; head tied }
         }
         """,
-         ("6:67", "unexpected '.'", EDGE_ACROSS_BLOCKS)),
+         ("6:67", "a context source must be a sublayer of this block, not 'block.sublayer'", EDGE_ACROSS_BLOCKS)),
 
     # ---- shapes ------------------------------------------------------------------------------------
     case("multi-filter-ssm-joins-residual", """
@@ -1012,7 +1012,7 @@ CASES = [
               attn: {kind: block_attention, window: window, context: [ssm -> mf, a.conv -> sh]}
         layers: [embed, bst, {head: tied}]
         """,
-         ("8:75", "unexpected '.'", EDGE_ACROSS_BLOCKS)),
+         ("8:75", "a context source must be a sublayer of this block, not 'block.sublayer'", EDGE_ACROSS_BLOCKS)),
     case("yaml-context-list-not-edges", """
         model: m
         params: {vocab: 256, d_model: 64, heads: 4, window: 16, seq_len: 64}

@@ -344,7 +344,7 @@ def _model(top="", params="", ssm="", edge="ssm -> sh", extra=""):
     (_model(top="  mf = 2\n"), "3:3 'mf' names a context variant and cannot name a parameter"),
     (_model(extra="b.0 { attn.context = none }; "), "7:31 a per-occurrence override cannot change a context edge"),
     (_model(extra="b.1 { ssm.state = 8 }; b.1 { ssm.state = 4 }; "), "7:54 b.1 ssm.state is overridden twice"),
-    (_model(edge="a.ssm -> sh"), "5:54 unexpected '.'"),
+    (_model(edge="a.ssm -> sh"), "5:54 a context source must be a sublayer of this block, not 'block.sublayer'"),
 ])
 def test_checker_rules(text, want):
     assert _errors(text) == [want]
@@ -353,7 +353,8 @@ def test_checker_rules(text, want):
 def test_edge_into_another_block_gets_a_hint():
     with pytest.raises(BstcError) as e:
         bstc.parse(_model(edge="a.ssm -> sh"))
-    assert "a sublayer of another block cannot be a source" in e.value.diagnostics[0].hint
+    d = e.value.diagnostics[0]
+    assert "must be a sublayer of this block" in d.message and "define the SSM in this block" in d.hint
 
 
 def test_a_post_norm_context_source_has_no_unused_norm():

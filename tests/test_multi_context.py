@@ -125,7 +125,7 @@ def test_a_source_in_another_block_is_refused_with_what_to_write():
     with pytest.raises(BstcError) as e:
         bstc.parse(text)
     (d,) = e.value.diagnostics
-    assert (d.span.line, d.span.col, d.message) == (6, 70, "unexpected '.'")
+    assert (d.span.line, d.span.col, d.message) == (6, 70, "a context source must be a sublayer of this block, not 'block.sublayer'")
     assert "a block's sublayers are local to it" in d.hint
     assert "define the SSM in this block" in d.hint and "`residual: true`" in d.hint
 

@@ -324,10 +324,11 @@ RESERVED_BLOCK_NAMES = KEYWORDS + ("tokens",)
 # scanned (one traced body for all occurrences), shared and placed by patterns, so `a.ssm`
 # would not say which occurrence of `a` is meant, and an earlier block's source output would
 # have to outlive its block (carried through the scan and the decode caches).
+EDGE_ACROSS_BLOCKS = "a context source must be a sublayer of this block, not 'block.sublayer'"
 EDGE_ACROSS_BLOCKS_HINT = (
-    "a sublayer of another block cannot be a source: a block's sublayers are local to it (blocks are "
-    "repeated, scanned and shared as units, so `block.sublayer` names no one layer); define the SSM in this block "
-    "and name it alone (`ssm -> sh`), with `residual: true` if it should also join the residual stream")
+    "a block's sublayers are local to it (blocks are repeated, scanned and shared as units, so "
+    "`block.sublayer` names no one layer); define the SSM in this block and name it alone (`ssm -> sh`), "
+    "with `residual: true` if it should also join the residual stream")
 
 _BUILTIN_HINTS = {
     "NORM": "write `norm rms`, `norm layer` or `norm none` ('norm' is a reserved word, not a block name)",
@@ -400,8 +401,8 @@ def parse_dsl(text: str, file: str, errors: Collector) -> ast.ModelDef | None:
                         p.get_terminal(t).pattern.value == "->" for t in expected if t != "$END"):
                     # `context: a.ssm -> sh`: an edge reaching into another block
                     hint = EDGE_ACROSS_BLOCKS_HINT
-                errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column),
-                             f"unexpected {_describe_token(tok, p)}", hint)
+                message = EDGE_ACROSS_BLOCKS if hint is EDGE_ACROSS_BLOCKS_HINT else f"unexpected {_describe_token(tok, p)}"
+                errors.error(Span(file, tok.line, tok.column, tok.end_line, tok.end_column), message, hint)
             # A missing name, number or ')' just before `tok`: supply it and keep `tok`.
             for missing, value in (("NAME", "_"), ("NUMBER", "1"), ("RPAR", ")")):
                 if missing in expected and _repair(ip, 0, [Token.new_borrow_pos(missing, value, tok), tok]):
@@ -561,7 +562,7 @@ def _parse_value(text: str, file: str, line: int, col: int, errors: Collector):
         at = getattr(e, "pos_in_stream", None)
         if at is not None and text[at:at + 1] == "." and "->" in text[at:]:
             # `context: a.ssm -> sh`, as in a .bst file
-            errors.error(Span(file, line, c, line, c + 1), "unexpected '.'", EDGE_ACROSS_BLOCKS_HINT)
+            errors.error(Span(file, line, c, line, c + 1), EDGE_ACROSS_BLOCKS, EDGE_ACROSS_BLOCKS_HINT)
             return None
         errors.error(Span(file, line, c, line, c + 1), f"cannot parse expression {text!r}",
                      "expressions use numbers, parameter names, + - * / // % ** and parentheses")
