@@ -6,68 +6,50 @@ block attention avoids). Positions come from RoPE on queries and keys (no absolu
 """
 from __future__ import annotations
 
-
-import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
 from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, KV_HEADS_PARAM_DOC, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads,
-                              check_kv_heads, dense_init, dropout, fused_init, grouped_axes, heads_of, kv_heads_of,
-                              merge_heads, named_axes, qkv_heads)
+                              check_kv_heads, dropout, grouped_axes, heads_of, kv_heads_of, named_axes)
+from bstc.ops._self_attention import SelfAttentionWeights, build_self_attention, self_attention_params
 from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 
 # ---- the op ------------------------------------------------------------------------------------
 
 
-class FullAttention(eqx.Module):
+class FullAttention(SelfAttentionWeights):
     """x (B, L, D) -> causal self-attention output (B, L, D)."""
-
-    w_qkv: Float[Array, "D 3 D"] | None  # (in, q|k|v, out): see fused_init; None with kv_heads < heads
-    w_o: Float[Array, "D D"]
-    heads: int = eqx.field(static=True)
-    rope: bool = eqx.field(static=True)
-    rate: float = eqx.field(static=True)
-    # Grouped-query attention (kv_heads G < H): q and k|v differ in width and in sharding, so
-    # they are stored apart: w_q (D, D) and w_kv (D, 2, G·dh).
-    w_q: Float[Array, "D D"] | None = None
-    w_kv: Float[Array, "D 2 GK"] | None = None
-
-    def _kv_heads(self) -> int:
-        return self.heads if self.w_kv is None else self.w_kv.shape[-1] // (self.w_o.shape[0] // self.heads)
 
     def __call__(self, x: Float[Array, "B L D"], *, context=None, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "B L D"]:
         from bstc.ops._attention import apply_rope, attend
 
         L = x.shape[1]
-        q, k, v = qkv_heads(x, self.w_qkv, self.w_q, self.w_kv, self.heads)  # (B, L, H|G, dh)
+        q, k, v = self.project(x)  # (B, L, H|G, dh)
         if self.rope:
             pos = jnp.arange(L)
             q, k = apply_rope(q, pos), apply_rope(k, pos)
         mask = jnp.tril(jnp.ones((L, L), bool))  # the quadratic part: (L, L) logits per head
         y = attend(q, k, v, mask)  # (B, L, H, dh)
-        y = merge_heads(y).astype(x.dtype) @ self.w_o.astype(x.dtype)
-        return dropout(y, self.rate, key)
+        return dropout(self.output(y, x.dtype), self.rate, key)
 
     # ---- the decoding protocol (bstc/decode.py): a key/value cache of `length` positions ----
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         if length is None:
             raise ValueError("full_attention decodes into a cache of a given length: pass length")
-        D = self.w_o.shape[0]
-        kv = jnp.zeros((batch, length, self._kv_heads(), D // self.heads), dtype)  # G K/V heads
+        kv = jnp.zeros((batch, length, self._kv_heads(), self._head_dim()), dtype)  # G K/V heads
         return {"k": kv, "v": kv}
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
         from bstc.ops._attention import apply_rope, attend
 
-        q, k, v = (a[:, None] for a in qkv_heads(x_t, self.w_qkv, self.w_q, self.w_kv, self.heads))  # (B, 1, H|G, dh)
+        q, k, v = (a[:, None] for a in self.project(x_t))  # (B, 1, H|G, dh)
         if self.rope:
             q, k = apply_rope(q, t[None]), apply_rope(k, t[None])
         cache = {"k": cache["k"].at[:, t].set(k[:, 0]), "v": cache["v"].at[:, t].set(v[:, 0])}
         visible = jnp.arange(cache["k"].shape[1]) <= t  # O(length) per token: the growing past
         y = attend(q, cache["k"], cache["v"], visible[None])[:, 0]
-        return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
+        return cache, self.output(y, x_t.dtype)
 
 
 @register
@@ -91,9 +73,7 @@ class FullAttentionOp(Op):
         return named_axes(module, grouped_axes(self.axes, args, dims))
 
     def param_count(self, args, dims: Dims, context) -> int:
-        D = dims.d_model
-        DK = D // heads_of(args, dims) * kv_heads_of(args, dims)  # width of k (and of v)
-        return 2 * D * D + 2 * D * DK
+        return self_attention_params(args, dims)
 
     def flops_per_token(self, args, dims: Dims, context) -> float:
         D, L, H = dims.d_model, dims.seq_len, heads_of(args, dims)
@@ -111,11 +91,4 @@ class FullAttentionOp(Op):
         return (2 * dims.d_model + 2 * DK) * item + heads_of(args, dims) * dims.seq_len * 4
 
     def build(self, args, dims: Dims, context, *, key):
-        D, H, G = dims.d_model, heads_of(args, dims), kv_heads_of(args, dims)
-        k1, k2 = jax.random.split(key)
-        rope, rate = bool(args.get("rope", True)), float(args.get("dropout", 0.0))
-        if G == H:
-            return FullAttention(fused_init(k1, D, 3, D), dense_init(k2, D, D), H, rope, rate)
-        kq, kkv = jax.random.split(k1)
-        return FullAttention(None, dense_init(k2, D, D), H, rope, rate,
-                             w_q=dense_init(kq, D, D), w_kv=fused_init(kkv, D, 2, D // H * G))
+        return build_self_attention(FullAttention, args, dims, key)

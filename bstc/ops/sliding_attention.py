@@ -10,14 +10,13 @@ the logits are (L/W)·W·2W = 2·L·W per head — linear in L, never L×L.
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 from bstc.ops._common import (ATTN_AXES, ATTN_OPTIM, KV_HEADS_PARAM_DOC, ROPE_FLOPS, SOFTMAX_FLOPS, check_heads,
-                              check_kv_heads, check_window, dense_init, dropout, fused_init, grouped_axes, heads_of,
-                              kv_heads_of, merge_heads, named_axes, qkv_heads)
+                              check_kv_heads, check_window, dropout, grouped_axes, heads_of, kv_heads_of, named_axes)
+from bstc.ops._self_attention import SelfAttentionWeights, build_self_attention, self_attention_params
+from bstc.ops.base import ContextSpec, Dims, Op, Param, Problem, register
 
 
 def sliding_mask(n_blocks: int, window: int) -> Bool[Array, "nb 1 W 2W"]:
@@ -36,21 +35,10 @@ def with_previous_block(t: Float[Array, "B nb W H dh"]) -> Float[Array, "B nb 2W
     return jnp.concatenate([prev, t], axis=2)
 
 
-class SlidingAttention(eqx.Module):
+class SlidingAttention(SelfAttentionWeights):
     """x (B, L, D) -> sliding-window causal self-attention output (B, L, D)."""
 
-    w_qkv: Float[Array, "D 3 D"] | None  # (in, q|k|v, out): see fused_init; None with kv_heads < heads
-    w_o: Float[Array, "D D"]
-    heads: int = eqx.field(static=True)
-    window: int = eqx.field(static=True)
-    rope: bool = eqx.field(static=True)
-    rate: float = eqx.field(static=True)
-    # Grouped-query attention (kv_heads G < H): w_q (D, D) and w_kv (D, 2, G·dh), as full_attention.
-    w_q: Float[Array, "D D"] | None = None
-    w_kv: Float[Array, "D 2 GK"] | None = None
-
-    def _kv_heads(self) -> int:
-        return self.heads if self.w_kv is None else self.w_kv.shape[-1] // (self.w_o.shape[0] // self.heads)
+    window: int = eqx.field(static=True, kw_only=True)
 
     def __call__(self, x: Float[Array, "B L D"], *, context=None, key: PRNGKeyArray | None = None
                  ) -> Float[Array, "B L D"]:
@@ -58,7 +46,7 @@ class SlidingAttention(eqx.Module):
 
         B, L, D = x.shape
         W, nb = self.window, L // self.window
-        q, k, v = qkv_heads(x, self.w_qkv, self.w_q, self.w_kv, self.heads)  # (B, L, H|G, dh)
+        q, k, v = self.project(x)  # (B, L, H|G, dh)
         if self.rope:
             # RoPE is relative, so rotating by absolute positions before blocking is exact.
             pos = jnp.arange(L)
@@ -67,26 +55,25 @@ class SlidingAttention(eqx.Module):
         q = blk(q)  # (B, nb, W, H, dh)
         k, v = with_previous_block(blk(k)), with_previous_block(blk(v))  # (B, nb, 2W, H, dh)
         y = attend(q, k, v, sliding_mask(nb, W))  # (B, nb, W, H, dh)
-        y = merge_heads(y.reshape(B, L, *y.shape[3:])).astype(x.dtype) @ self.w_o.astype(x.dtype)
-        return dropout(y, self.rate, key)
+        return dropout(self.output(y.reshape(B, L, *y.shape[3:]), x.dtype), self.rate, key)
 
     # ---- the decoding protocol (bstc/decode.py): the last 2W keys/values, in a ring ----
     def init_cache(self, batch: int, dtype, length: int | None = None) -> dict:
         from bstc.ops._attention import ring_cache
 
-        return ring_cache(batch, 2 * self.window, self._kv_heads(), self.w_o.shape[0] // self.heads, dtype)
+        return ring_cache(batch, 2 * self.window, self._kv_heads(), self._head_dim(), dtype)
 
     def decode(self, cache: dict, x_t: Float[Array, "B D"], t, *, context=None):
         from bstc.ops._attention import apply_rope, attend, ring_push, ring_visible
 
         W = self.window
-        q, k, v = (a[:, None] for a in qkv_heads(x_t, self.w_qkv, self.w_q, self.w_kv, self.heads))  # (B, 1, H|G, dh)
+        q, k, v = (a[:, None] for a in self.project(x_t))  # (B, 1, H|G, dh)
         if self.rope:
             q, k = apply_rope(q, t[None]), apply_rope(k, t[None])
         cache = ring_push(cache, k[:, 0], v[:, 0], t)
         visible = ring_visible(cache, (t // W - 1) * W, t)  # blocks k−1 and k up to t
         y = attend(q, cache["k"], cache["v"], visible[None])[:, 0]
-        return cache, merge_heads(y).astype(x_t.dtype) @ self.w_o.astype(x_t.dtype)
+        return cache, self.output(y, x_t.dtype)
 
 
 @register
@@ -111,9 +98,7 @@ class SlidingAttentionOp(Op):
         return named_axes(module, grouped_axes(self.axes, args, dims))
 
     def param_count(self, args, dims: Dims, context) -> int:
-        D = dims.d_model
-        DK = D // heads_of(args, dims) * kv_heads_of(args, dims)  # width of k (and of v)
-        return 2 * D * D + 2 * D * DK
+        return self_attention_params(args, dims)
 
     def flops_per_token(self, args, dims: Dims, context) -> float:
         D, W, H = dims.d_model, int(args["window"]), heads_of(args, dims)
@@ -130,11 +115,4 @@ class SlidingAttentionOp(Op):
         return (2 * dims.d_model + 4 * DK) * item + heads_of(args, dims) * 2 * int(args["window"]) * 4
 
     def build(self, args, dims: Dims, context, *, key):
-        D, H, G = dims.d_model, heads_of(args, dims), kv_heads_of(args, dims)
-        k1, k2 = jax.random.split(key)
-        rest = (H, int(args["window"]), bool(args.get("rope", True)), float(args.get("dropout", 0.0)))
-        if G == H:
-            return SlidingAttention(fused_init(k1, D, 3, D), dense_init(k2, D, D), *rest)
-        kq, kkv = jax.random.split(k1)
-        return SlidingAttention(None, dense_init(k2, D, D), *rest,
-                                w_q=dense_init(kq, D, D), w_kv=fused_init(kkv, D, 2, D // H * G))
+        return build_self_attention(SlidingAttention, args, dims, key, window=int(args["window"]))
