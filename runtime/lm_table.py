@@ -162,7 +162,8 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     from bstc.runtime.model import resolve_model, spec_from_file
     from bstc.runtime.trainer import train
 
-    run_dir = out / "runs" / f"{name}-s{seed}"
+    row = row_name(name)
+    run_dir = out / "runs" / f"{row}-s{seed}"
     done = run_dir / "result.json"
     if done.is_file():
         return json.loads(done.read_text())
@@ -180,7 +181,7 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     quiet = Console(quiet=True)
     ev = evaluate(run_dir, lengths=[L, 2 * L, 4 * L], max_tokens=scale.eval_tokens, console=quiet)
     tps = [r["tokens_per_s"] for r in read_metrics(run_dir) if r.get("split") == "train" and r.get("tokens_per_s")]
-    res = dict(model=name, label=LABELS.get(name, name), seed=seed, params=n, target=target,
+    res = dict(model=row, label=LABELS.get(row, row), seed=seed, params=n, target=target,
                matched=abs(n - target) <= TOLERANCE * target, overrides=overrides,
                train_tokens=scale.steps * scale.batch * L, tokens_per_s=round(tps[-1], 1) if tps else None,
                train_seconds=round(train_s, 1), seq_len=L,
@@ -321,9 +322,15 @@ def run_table(out: Path, scale_name: str = "small", models: list[str] | None = N
         scale = replace(scale, steps=steps)
     zoo = set(zoo_names())
     models = list(models or [m for m in MODELS if m in zoo])
-    unknown = [m for m in models if m not in zoo]
+    # A model file (yours, or a variant of a zoo file) joins the table as a row named by its stem.
+    unknown = [m for m in models if m not in zoo and not _is_model_file(m)]
     if unknown:
-        raise UsageError(f"unknown model(s) {', '.join(unknown)} (zoo: {', '.join(sorted(zoo))})")
+        raise UsageError(f"unknown model(s) {', '.join(unknown)} (zoo: {', '.join(sorted(zoo))}; "
+                         "or give a model file's path)")
+    stems = [row_name(m) for m in models]
+    clash = sorted({s for s in stems if stems.count(s) > 1 or (s in zoo and s not in models)})
+    if clash:
+        raise UsageError(f"two rows would be named {', '.join(clash)}: rename the model file")
     seeds = list(seeds if seeds is not None else [0])
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +344,7 @@ def run_table(out: Path, scale_name: str = "small", models: list[str] | None = N
     jobs = [(m, s) for s in seeds for m in models]
     t0 = time.perf_counter()
     for i, (m, s) in enumerate(jobs, 1):
-        console.print(f"[bold][{i}/{len(jobs)}][/] {LABELS.get(m, m)} · seed {s} · "
+        console.print(f"[bold][{i}/{len(jobs)}][/] {LABELS.get(row_name(m), row_name(m))} · seed {s} · "
                       f"elapsed {time.perf_counter() - t0:,.0f} s")
         r = run_one(m, s, scale, target, out, progress=progress)
         if r is None:
@@ -352,6 +359,15 @@ def run_table(out: Path, scale_name: str = "small", models: list[str] | None = N
     console.print(f"wrote {out / 'lm_table.md'}, {out / 'lm_table.json'}, {out / 'lm_table.png'} "
                   f"({time.perf_counter() - t0:,.0f} s)")
     return rep
+
+
+def _is_model_file(m: str) -> bool:
+    return Path(m).suffix in (".bst", ".yaml", ".yml") and Path(m).is_file()
+
+
+def row_name(model: str) -> str:
+    """A row's name: the zoo name, or a model file's stem."""
+    return Path(model).stem if _is_model_file(model) else model
 
 
 def drift(row: dict) -> float | None:

@@ -27,7 +27,7 @@ def test_every_row_is_matched_within_tolerance(scale):
         assert 2.4e6 < target < 2.7e6
 
 
-def test_smoke_table_end_to_end(tmp_path):
+def test_smoke_table_end_to_end(tmp_path, monkeypatch):
     out = tmp_path / "lm"
     # XLA's CPU backend without LLVM's expensive passes: compile time dominates a smoke run.
     env = {**os.environ, "BSTC_JAX_CACHE": "off",
@@ -48,10 +48,36 @@ def test_smoke_table_end_to_end(tmp_path):
     assert all(T.LABELS[m] in md for m in expected)
     assert (out / "lm_table.png").read_bytes()[:4] == b"\x89PNG"
     # Resumable: a second invocation reads every finished row instead of training it again.
+    # It and the refused one below compile nothing: they run in this process (typer's
+    # CliRunner), without a new interpreter's imports.
+    from typer.testing import CliRunner
+
+    from bstc.cli import app
+
+    monkeypatch.setenv("BSTC_JAX_CACHE", "off")
     stamps = {p: p.stat().st_mtime_ns for p in (out / "runs").glob("*/result.json")}
-    r2 = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
+    r2 = CliRunner().invoke(app, cmd[3:])
+    assert r2.exit_code == 0, r2.output[-3000:]
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
     # Another setup in the same directory is refused, not mixed in.
-    r3 = subprocess.run(cmd + ["--steps", "7"], env=env, capture_output=True, text=True, timeout=300)
-    assert r3.returncode == 2 and "another setup" in r3.stderr
+    r3 = CliRunner().invoke(app, cmd[3:] + ["--steps", "7"])
+    assert r3.exit_code == 2 and "another setup" in r3.stderr
+
+
+def test_a_model_file_joins_the_table_by_its_stem(tmp_path):
+    """`--models my_model.bst`: a user's file is matched like a zoo model and named by its stem;
+    a name two rows would share, or a path that is not a model file, is refused."""
+    from bstc.runtime.errors import UsageError
+
+    mine = tmp_path / "my_hybrid.bst"
+    mine.write_text(resolve_model("bst_sh_s4").read_text().replace("model bst_sh_s4", "model my_hybrid"))
+    assert T.row_name(str(mine)) == "my_hybrid" and T.row_name("slide") == "slide"
+    s = T.SCALES["smoke"]
+    _, n = T.match_size(mine, s, T.target_params(s))
+    assert abs(n / T.target_params(s) - 1) <= T.TOLERANCE
+    with pytest.raises(UsageError, match="unknown model"):
+        T.run_table(tmp_path / "a", "smoke", [str(tmp_path / "missing.bst")], progress=False)
+    twin = tmp_path / "slide.bst"
+    twin.write_text(mine.read_text())
+    with pytest.raises(UsageError, match="two rows would be named slide"):
+        T.run_table(tmp_path / "b", "smoke", [str(twin)], progress=False)

@@ -374,7 +374,8 @@ experiment_app = typer.Typer(help="Reproducible experiments: the language-modell
 def experiment_lm(
     out: Path = typer.Option(Path("runs/lm-table"), "-o", "--out", help="Output directory (resumable)."),
     scale: str = typer.Option("small", "--scale", help="smoke (seconds, for tests) or small (the documented table)."),
-    models: Optional[str] = typer.Option(None, "--models", help="Comma-separated zoo models (default: every row)."),
+    models: Optional[str] = typer.Option(None, "--models",
+                                         help="Comma-separated zoo models or model files (default: every zoo row)."),
     seeds: Optional[str] = typer.Option(None, "--seeds", help="Comma-separated seeds (default 0)."),
     steps: Optional[int] = typer.Option(None, "--steps", help="Override the scale's training steps."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No per-run progress bar."),
