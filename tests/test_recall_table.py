@@ -48,11 +48,12 @@ def test_an_unknown_variant_is_a_usage_error(tmp_path):
 
 @pytest.mark.slow
 def test_the_selective_context_bst_answers_recall_and_keeps_it_at_4x(tmp_path):
-    """docs/results.md: the Mamba-2 own-window BST reaches 0.94 at the training length and
-    keeps ≥ 0.9 of it at 2x and 4x; block-local attention alone stays near chance."""
-    rep = R.run_table(tmp_path, ["mamba_own_res"], progress=False)
+    """docs/results.md: the BST whose context source is Mamba-2 (state 32, own window, its output
+    also in the residual stream) reaches ≥ 0.95 at the training length (measured 0.998) and keeps
+    ≥ 0.9 of it at 2x and 4x, with the answer loss far below chance (ln 16)."""
+    rep = R.run_table(tmp_path, ["mamba_own_res_n32"], progress=False)
     r = rep["rows"][0]
     acc = {int(L): v["accuracy"] for L, v in r["lengths"].items()}
-    assert acc[64] >= 0.9
+    assert acc[64] >= 0.95
     assert acc[128] >= 0.9 * acc[64] and acc[256] >= 0.9 * acc[64]
-    assert all(v["loss"] < 2.77 for L, v in r["lengths"].items() if int(L) <= 256)
+    assert all(v["loss"] < 1.0 for L, v in r["lengths"].items() if int(L) <= 256)
