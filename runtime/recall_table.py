@@ -66,8 +66,6 @@ VARIANTS = {
                                     lr=1e-3),
     "mamba_own_res_n32": Variant("the same, Mamba state 32",
                                  _bst("mamba(state: 32, head_dim: 16, chunk: 16, residual: true)", OWN), MIDDLE),
-    "mamba_own_res_hd8": Variant("the same, Mamba head width 8 (16 heads)",
-                                 _bst("mamba(state: 16, head_dim: 8, chunk: 16, residual: true)", OWN), MIDDLE),
     "mamba_no_context": Variant("Mamba-2 + block-local attention, no context edge",
                                 """block bst {
     ssm  = mamba(state: 16, head_dim: 16, chunk: 16)
