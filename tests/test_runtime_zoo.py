@@ -29,6 +29,22 @@ def bstc(*args, timeout=300, **kw):
                           cwd=kw.pop("cwd", ROOT), env=env, timeout=timeout, **kw)
 
 
+def bstc_in_process(*args, monkeypatch):
+    """The same command through typer's CliRunner, in this process: no interpreter start and
+    imports (seconds per command); for the steps where the process boundary is not the point."""
+    from typer.testing import CliRunner
+
+    from bstc.cli import app
+
+    monkeypatch.setenv("BSTC_JAX_CACHE", "off")  # the CLI would point this process's JAX at a cache
+    monkeypatch.setenv("COLUMNS", "120")
+    r = CliRunner().invoke(app, list(args))
+    # an exception the CLI did not turn into a message would have been a traceback on stderr
+    assert r.exception is None or isinstance(r.exception, SystemExit), repr(r.exception)
+    r.returncode = r.exit_code
+    return r
+
+
 SMALL_BST = """
 model small_bst {
   vocab = 256
@@ -109,7 +125,10 @@ def test_loss_falls_on_the_default_corpus_with_a_tiny_bst(tmp_path):
     assert (tmp_path / "r" / "model.bst").read_text() == SMALL_BST
 
 
-def test_cli_train_eval_plot_and_resume(tmp_path):
+def test_cli_train_eval_plot_and_resume(tmp_path, monkeypatch):
+    # Training and resuming run as `bstc` processes (a resumed run is a new process reading the
+    # checkpoints); eval, sample, plot and the refused resume run in this process.
+    here = lambda *a: bstc_in_process(*a, monkeypatch=monkeypatch)  # noqa: E731
     run = tmp_path / "run"
     model = tmp_path / "small_bst.bst"
     model.write_text(SMALL_BST)
@@ -125,7 +144,7 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
     first = {x["step"]: x["loss"] for x in read_metrics(run) if x.get("split") == "train"}
     assert sorted(first) == list(range(1, 13))
 
-    r = bstc("eval", str(run), "--lengths", "64,128,256", "--max-tokens", "2048")
+    r = here("eval", str(run), "--lengths", "64,128,256", "--max-tokens", "2048")
     assert r.returncode == 0, r.stderr
     assert "bits/byte" in r.stdout and "256" in r.stdout
     res = json.loads((run / "eval" / "eval-validation.json").read_text())
@@ -134,17 +153,17 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
 
     # sampling: through the caches by default, by recomputation with --no-cache; greedy, and
     # within seq_len (4 + 40 < 64 tokens), the two give the same text
-    r = bstc("sample", str(run), "-p", "def ", "-n", "40", "-t", "0")
+    r = here("sample", str(run), "-p", "def ", "-n", "40", "-t", "0")
     assert r.returncode == 0 and "cached decoding" in r.stderr, r.stderr
-    r2 = bstc("sample", str(run), "-p", "def ", "-n", "40", "-t", "0", "--no-cache")
+    r2 = here("sample", str(run), "-p", "def ", "-n", "40", "-t", "0", "--no-cache")
     assert r2.returncode == 0 and "recomputing" in r2.stderr, r2.stderr
     assert r.stdout.startswith("def ") and r.stdout == r2.stdout
 
     (run / "loss.png").unlink()
-    assert bstc("plot", str(run)).returncode == 0 and (run / "loss.png").is_file()
+    assert here("plot", str(run)).returncode == 0 and (run / "loss.png").is_file()
 
     # resuming with a different model is refused, and leaves the run as it was
-    r = bstc("train", "--resume", "-o", str(run), "--set", "d_model=48", "--steps", "16")
+    r = here("train", "--resume", "-o", str(run), "--set", "d_model=48", "--steps", "16")
     assert r.returncode == 2 and "--set d_model=48" in r.stderr and "would change the model" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -155,7 +174,10 @@ def test_cli_train_eval_plot_and_resume(tmp_path):
     assert steps == list(range(1, 17))
 
 
-def test_cli_errors_are_one_line(tmp_path):
+def test_cli_errors_are_one_line(tmp_path, monkeypatch):
+    # In this process (no interpreter start per command): each fails before any compilation,
+    # and bstc_in_process fails on an exception the CLI let through.
+    bstc = lambda *a: bstc_in_process(*a, monkeypatch=monkeypatch)  # noqa: E731
     r = bstc("train", "--set", "nonsense")
     assert r.returncode == 2 and r.stderr.strip().splitlines() == ["bstc: error: --set expects NAME=VALUE, got 'nonsense'"]
     r = bstc("train", "no_such_model")
