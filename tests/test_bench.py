@@ -19,7 +19,7 @@ from typer.testing import CliRunner
 import bstc
 from bstc import zoo
 from bstc.cli import app
-from conftest import tiny_overrides
+from conftest import tiny_overrides, zoo_params
 
 ZOO = zoo.list_models()
 TINY_LAYERS = ["--d-model", "32", "--heads", "2", "--window", "64"]
@@ -163,7 +163,16 @@ def _unroll_recurrences(model):
     return jax.tree.map(lambda m: dataclasses.replace(m, unroll=True) if is_brt(m) else m, model, is_leaf=is_brt)
 
 
-@pytest.mark.parametrize("path", ZOO, ids=[p.name for p in ZOO])
+# The zoo files whose FLOPs no other default test checks: the FFT-convolution context sources
+# (s4d, long_conv) in SH, MH and own-window context, which test_contract's FLOP check marks as
+# known gaps at its widths (here, at the zoo files' tiny sizes, they agree within 10%). Every
+# kind of the other files passes that check by itself (an s4d read at block ends, as in
+# bst_mf_s4, included); `pytest -m slow` costs them as whole zoo models too.
+FLOP_FILES = ("bst_sh_s4.bst", "bst_mh_s4.bst", "bst_sh_own_s4.bst", "bst_sh_unstructured.bst",
+              "bst_mf_unstructured.bst")
+
+
+@pytest.mark.parametrize("path", zoo_params(FLOP_FILES))
 def test_explain_flops_match_xla_cost_analysis(path):
     """Forward FLOPs/token × tokens from the ops' cost rules == XLA's count of the compiled forward
     pass, within 10%. Layers are unrolled (scan=False) because XLA counts a loop body once."""
