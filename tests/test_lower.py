@@ -16,15 +16,15 @@ from bstc import zoo
 from bstc.lower import Scanned, count_params, lower, plan_stages
 from conftest import tiny_overrides, zoo_params
 
-ZOO = [p for p in zoo.list_models()]
-ZOO_IDS = [p.name for p in ZOO]
-
 
 def _tokens(m, batch=2, seed=0):
     return jax.random.randint(jax.random.key(seed), (batch, m.dims.seq_len), 0, m.dims.vocab)
 
 
-@pytest.mark.parametrize("path", ZOO, ids=ZOO_IDS)
+# Every kind, and every context source in each context variant, has its parameter count and
+# causality checked by itself in test_contract; the default suite lowers the representative
+# pair and the own-window context (which test_contract's cases lack), `pytest -m slow` the rest.
+@pytest.mark.parametrize("path", zoo_params(("bst_sh_s4.bst", "transformer.bst", "bst_sh_own_s4.bst")))
 def test_zoo_param_count_matches_explain_and_causal(path):
     """The lowered model's parameters are explain's count; and causality: changing token t
     leaves logits < t unchanged and changes some logit ≥ t. One test per zoo file, so that
