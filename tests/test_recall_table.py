@@ -22,7 +22,8 @@ def test_every_variant_checks_and_has_at_most_four_layers(name, tmp_path):
         assert "s4d" not in kinds and "mamba" not in kinds and "context" not in kinds
 
 
-def test_the_table_trains_evaluates_at_every_length_and_resumes(tmp_path):
+def test_the_table_trains_evaluates_at_every_length_and_resumes(tmp_path, monkeypatch):
+    monkeypatch.setattr(R, "LENGTH_FACTORS", (1, 2))  # each length compiles the model once more
     s = R.Setup(steps=4, eval_every=2, eval_batches=1, d_model=32)
     rep = R.run_table(tmp_path, ["mamba_own_res"], s, progress=False)
     (r,) = rep["rows"]
