@@ -167,3 +167,31 @@ class PoisonLoss(_hook_base()):
 
         return poisoned
 
+
+
+def assert_causal(forward, tokens, vocab: int, positions=(3, 8)) -> None:
+    """Causality by perturbation: changing the tokens from position t on leaves every output
+    before t as it was, and changes the output at t (it sees its own token). Positions: inside
+    the first block and at a block boundary, plus the last."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    L = tokens.shape[1]
+    ref = np.asarray(forward(tokens))
+    scale = np.abs(ref).max()
+    for t in (*positions, L - 1):
+        bumped = tokens.at[:, t:].set((tokens[:, t:] + 1 + jnp.arange(L - t)) % vocab)
+        got = np.asarray(forward(bumped))
+        np.testing.assert_allclose(got[:, :t], ref[:, :t], atol=1e-5 * scale, rtol=0, err_msg=f"t={t}")
+        assert np.abs(got[:, t] - ref[:, t]).max() > 1e-6 * scale, f"position {t} does not see its own token"
+
+
+def assert_sharded_equals_single_device(res: dict, mesh_txt: str) -> None:
+    """The sharded run (test_shard.SHARDED's result) matches one device: losses, gradients and
+    the parameters after 3 steps."""
+    import pytest as _pytest
+
+    ref, got = res["ref_losses"], res["meshes"][mesh_txt]
+    assert got["losses"] == _pytest.approx(ref, rel=1e-5, abs=1e-6)
+    assert got["grad_err"] <= 1e-4 * got["grad_scale"], got
+    assert got["param_err"] < 1e-4, got
