@@ -2,8 +2,8 @@
 for model files, one line for misuse, documented exit codes, never a traceback).
 
 Modules: compiler (validate, explain, compile, models), run (train, eval, plot, export,
-experiment, tokenizer, data, sweeps), sample, bench (layers, model, compile, decode, check,
-report).
+tokenizer, data, sweeps), experiment (lm, recall, recall-table), sample, bench (layers, model,
+compile, decode, check, report).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ app = typer.Typer(
 
 
 # Each module of the package registers its commands (`register(app)`).
-from bstc.cli import bench, compiler, run, sample  # noqa: E402
+from bstc.cli import bench, compiler, experiment, run, sample  # noqa: E402
 
-for _mod in (compiler, run, sample, bench):
+for _mod in (compiler, run, experiment, sample, bench):
     _mod.register(app)
 
 

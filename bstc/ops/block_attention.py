@@ -28,6 +28,10 @@ the block* (t mod W). Inside a block RoPE is relative, so this equals absolute p
 what it fixes is the context: context keys carry no rotation (they summarise the past as a set),
 so a query–context score depends only on the query's offset in its block, the same in every
 block and at every sequence length (length generalisation, exact block-by-block decoding).
+
+One file (about 430 lines), as for every layer kind: the forward pass, the decoding step and
+the cost rule of the three context variants must agree set by set, and keeping them side by
+side is what lets a reader check that they do.
 """
 from __future__ import annotations
 

@@ -1,6 +1,10 @@
 """Expand the stack: bind block parameters, unroll repeat groups, number each block's
 occurrences (`bst.0`, `bst.1`, …), evaluate every sublayer argument in its scope and apply
-per-occurrence overrides. The result still needs the schema and shape checks (check.py)."""
+per-occurrence overrides. The result still needs the schema and shape checks (check.py).
+
+One module (about 400 lines) because the stack's forms — repeats, patterns, placements,
+overrides — expand in one recursive walk over one scope chain, and every form reports its
+mistakes through the same located diagnostics; split, each part would re-implement the walk."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
