@@ -128,39 +128,35 @@ model recall {{
 """
 
 
-def _final_validation(run_dir: Path, steps: int) -> dict | None:
+def _validation(run_dir: Path) -> list[dict]:
     from bstc.runtime.metrics import read_metrics
 
-    val = [m for m in read_metrics(run_dir) if m.get("split") == "validation" and m.get("step") == steps]
-    return val[-1] if val else None
+    return [m for m in read_metrics(run_dir) if m.get("split") == "validation"] if run_dir.is_dir() else []
 
 
 def run_variant(name: str, s: Setup, out: Path, *, progress: bool = True) -> dict:
     """Train one variant (or read its finished run) and return its row."""
+    import bstc
     from bstc.runtime.config import OptimizerConfig, RunConfig
     from bstc.runtime.model import spec_from_file
+    from bstc.runtime.rundir import RunFiles
     from bstc.runtime.trainer import train
-
-    import bstc
 
     v = VARIANTS[name]
     run_dir = out / name
     f = out / f"{name}.bst"
     f.write_text(model_text(name, s))
-    done = _final_validation(run_dir, s.steps) if run_dir.is_dir() else None
-    if done is None:
+    if not any(m["step"] == s.steps for m in _validation(run_dir)):  # not finished: train or continue
         cfg = RunConfig(model=str(f), task="recall", task_args=dict(pairs=s.pairs, values=s.values), steps=s.steps,
                         batch=s.batch, optimizer=OptimizerConfig(lr=v.lr, weight_decay=0.0), seed=s.seed,
                         eval_every=s.eval_every, eval_batches=s.eval_batches, ckpt_every=s.eval_every, keep=1)
         train(cfg, run_dir, spec_from_file(f, {}), progress=progress, plot=True, tensorboard=False,
-              resume=(run_dir / "checkpoints").is_dir())
-        done = _final_validation(run_dir, s.steps)
-    from bstc.runtime.metrics import read_metrics
-
-    curve = {str(m["step"]): round(m["accuracy"], 4) for m in read_metrics(run_dir) if m.get("split") == "validation"}
-    params = int(bstc.explain(bstc.parse(str(f))).params)
+              resume=RunFiles(run_dir).has_checkpoints())
+    val = _validation(run_dir)
+    done = [m for m in val if m["step"] == s.steps][-1]
     return dict(variant=name, label=v.label, lr=v.lr, accuracy=done["accuracy"], loss=done["loss"],
-                scored=done.get("tokens"), curve=curve, params=params, lengths=at_lengths(run_dir, s))
+                scored=done.get("tokens"), curve={str(m["step"]): round(m["accuracy"], 4) for m in val},
+                params=int(bstc.explain(bstc.parse(str(f))).params), lengths=at_lengths(run_dir, s))
 
 
 def at_lengths(run_dir: Path, s: Setup) -> dict[str, dict]:
@@ -170,13 +166,12 @@ def at_lengths(run_dir: Path, s: Setup) -> dict[str, dict]:
 
     from bstc.runtime.evaluator import evaluate
 
-    want = [s.seq_len * m for m in LENGTH_FACTORS]
+    want = [str(s.seq_len * m) for m in LENGTH_FACTORS]
     saved = run_dir / "eval" / "eval-validation.json"
     ev = json.loads(saved.read_text()) if saved.is_file() else None
-    if ev is None or ev.get("step") != s.steps or not all(str(L) in ev["lengths"] for L in want):
-        ev = evaluate(run_dir, lengths=want, max_tokens=EVAL_TOKENS, console=Console(quiet=True))
-    return {str(L): dict(accuracy=ev["lengths"][str(L) if str(L) in ev["lengths"] else L]["accuracy"],
-                         loss=ev["lengths"][str(L) if str(L) in ev["lengths"] else L]["loss"]) for L in want}
+    if ev is None or ev.get("step") != s.steps or not all(L in ev["lengths"] for L in want):
+        ev = evaluate(run_dir, lengths=[int(L) for L in want], max_tokens=EVAL_TOKENS, console=Console(quiet=True))
+    return {L: dict(accuracy=ev["lengths"][L]["accuracy"], loss=ev["lengths"][L]["loss"]) for L in want}
 
 
 def markdown(rows: list[dict], s: Setup) -> str:
