@@ -97,13 +97,13 @@ def _self_contained(spec) -> tuple[str, str | None]:
     from bstc.frontend import bundle, parse_ast
     from bstc.ir import to_bst
 
+    tree = parse_ast(spec.file)[0]  # syntax only: most model files import nothing
+    if tree is None or not tree.imports:
+        return spec.file.suffix, None
     text = bundle(spec.file)
     if text is not None:
         return ".bst", text
-    tree = parse_ast(spec.file)[0]
-    if tree is None or not tree.imports or spec.model_ir is None:
-        return spec.file.suffix, None
-    return ".bst", to_bst(spec.model_ir)
+    return (".bst", to_bst(spec.model_ir)) if spec.model_ir is not None else (spec.file.suffix, None)
 
 
 def check_run_dir(run_dir: Path) -> None:
