@@ -45,36 +45,19 @@ class RecallSetup:
 
 
 def recall_model_text(s: RecallSetup, context: bool) -> str:
-    middle = "bst" if context else "local"
-    return f"""# associative recall: {'BST-SH (context injection)' if context else 'block-local attention only'}
-model recall_{'bst' if context else 'local'} {{
-  vocab = 256
-  d_model = {s.d_model}
-  heads = {s.heads}
-  window = {s.window}
-  seq_len = {s.seq_len}
-  ssm_state = {s.ssm_state}
+    from bstc.runtime.recall_table import network_text
 
-  block local {{
-    attn = block_attention(window: window)
-    mlp  = mlp(hidden: 2 * d_model, act: gelu)
-  }}
+    ssm = f"s4d(state: ssm_state, init: {s.ssm_init}, centre: {str(s.centre).lower()})"
+    bst = f"""ssm_state = {s.ssm_state}
   block bst(context = sh) {{
-    ssm  = s4d(state: ssm_state, init: {s.ssm_init}, centre: {str(s.centre).lower()})
+    ssm  = {ssm}
     attn = block_attention(window: window, context: ssm -> context)
     mlp  = mlp(hidden: 2 * d_model, act: gelu)
-  }}
-
-  layers {{
-    embed
-    local
-    {middle}
-    local
-    norm rms
-    head untied
-  }}
-}}
-"""
+  }}"""
+    label = "BST-SH (context injection)" if context else "block-local attention only"
+    return network_text(label, f"recall_{'bst' if context else 'local'}", bst,
+                        ("local", "bst" if context else "local", "local"),
+                        d_model=s.d_model, heads=s.heads, window=s.window, seq_len=s.seq_len)
 
 
 def run_recall(s: RecallSetup = RecallSetup(), out: Path | None = None, progress: bool = False) -> dict:

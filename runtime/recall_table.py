@@ -106,26 +106,34 @@ class Setup:
     eval_batches: int = 8
 
 
-def model_text(name: str, s: Setup = Setup()) -> str:
-    v = VARIANTS[name]
-    blocks = "\n  ".join(b for b in (LOCAL, v.blocks) if b)
-    layers = "\n    ".join(v.layers)
-    return f"""# associative recall: {v.label}
-model recall {{
+def network_text(label: str, name: str, blocks: str, layers: tuple[str, ...], *, d_model: int, heads: int,
+                 window: int, seq_len: int) -> str:
+    """The recall network as a model file: embed → `layers` → RMS norm → untied head, with the
+    block-local `local` block and `blocks` defined (shared with bstc.runtime.experiments)."""
+    defs = "\n  ".join(b for b in (LOCAL, blocks) if b)
+    stack = "\n    ".join(layers)
+    return f"""# associative recall: {label}
+model {name} {{
   vocab = 256
-  d_model = {s.d_model}
-  heads = {s.heads}
-  window = {s.window}
-  seq_len = {s.seq_len}
-  {blocks}
+  d_model = {d_model}
+  heads = {heads}
+  window = {window}
+  seq_len = {seq_len}
+  {defs}
   layers {{
     embed
-    {layers}
+    {stack}
     norm rms
     head untied
   }}
 }}
 """
+
+
+def model_text(name: str, s: Setup = Setup()) -> str:
+    v = VARIANTS[name]
+    return network_text(v.label, "recall", v.blocks, v.layers, d_model=s.d_model, heads=s.heads, window=s.window,
+                        seq_len=s.seq_len)
 
 
 def _validation(run_dir: Path) -> list[dict]:
