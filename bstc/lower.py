@@ -173,9 +173,13 @@ class Scanned(eqx.Module):
 
         body = _remat(body, self.remat)
         if self.count < SCAN_MIN_COUNT:
+            # Split, not indexed (a[c]): the gradient of a split is one concatenate per leaf,
+            # that of count indexings is count pads and adds of the whole stacked leaf.
+            leaves, tree = jax.tree.flatten((params, keys))
+            parts = [jax.lax.split(a, [1] * self.count) for a in leaves]
             carry = (x, aux)
             for c in range(self.count):
-                carry, _ = body(carry, jax.tree.map(lambda a: a[c], (params, keys)))
+                carry, _ = body(carry, tree.unflatten([p[c].reshape(p[c].shape[1:]) for p in parts]))
             return carry
         (x, aux), _ = jax.lax.scan(body, (x, aux), (params, keys))
         return x, aux
