@@ -157,6 +157,9 @@ class RunConfig:
     ckpt_every: int = 100                 # checkpoint every N steps (and always at the end)
     keep: int = 3                         # keep the last N checkpoints
     log_every: int = 1
+    remat: str = "none"                   # rematerialise each block in the backward pass: none | full | dots
+                                          # (less memory for activations, and faster compiles of deep
+                                          # scanned stacks, for a second forward pass; the math is the same)
     mesh: str | None = None               # device mesh, e.g. "data=2,tensor=4" (bstc.placement; default:
                                           # the model's mesh section, else data parallel over all devices)
     sweep: dict[str, Any] = field(default_factory=dict)  # a grid of --set values, {d_model: [64, 128]}:
@@ -189,6 +192,8 @@ class RunConfig:
         need(self.preset in ("auto", "tiny", "none"),
              f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
+        need(self.remat in ("none", "full", "dots"),
+             f"unknown remat policy '{self.remat}' (choose from none, full, dots)")
         if self.sweep:
             from bstc.runtime.sweep import sweep_from_config
 

@@ -98,7 +98,9 @@ _STEPS: dict = {}
 def compiled_step(spec: ModelSpec, cfg: RunConfig):
     """The optimizer and jitted step for this model + optimizer config, reused across runs in
     one process (a resumed or repeated run in a notebook or a test compiles once)."""
-    key = (spec.fingerprint, cfg.steps, cfg.batch, cfg.accum, cfg.optimizer)  # OptimizerConfig: frozen, hashable
+    # OptimizerConfig: frozen, hashable. The remat policy is a static field of the lowered
+    # stages, so the learning-rate multipliers' tree (built from the model) depends on it.
+    key = (spec.fingerprint, cfg.remat, cfg.steps, cfg.batch, cfg.accum, cfg.optimizer)
     if key not in _STEPS:
         if len(_STEPS) > 8:
             _STEPS.clear()

@@ -9,6 +9,8 @@ switches.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import signal
 import sys
@@ -197,6 +199,16 @@ class SignalStop(Hook):
                               f"`bstc train --resume -o {run.run_dir}`", self.signals.received)
 
 
+def with_remat(spec: ModelSpec, policy: str) -> ModelSpec:
+    """The same model, lowered with every block rematerialised by `policy` (bstc.lower): the
+    parameters, and so checkpoints, are the same arrays; only the backward pass differs."""
+    if spec.model_ir is None:
+        raise UsageError("remat needs a model from a model file (its blocks are lowered by bstc)")
+    from bstc.lower import lower
+
+    return dataclasses.replace(spec, build=lambda key: lower(spec.model_ir, key=key, remat=policy))
+
+
 def train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, **kwargs) -> RunResult:
     """Train `spec` as configured, writing everything into `run_dir`, which no other
     `bstc train` may use meanwhile (the lock is taken by process 0 of a multi-host run).
@@ -213,6 +225,8 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     """`hooks`: extra hooks, run after the built-in ones (metrics, evaluation, checkpoints)
     and before the signal check."""
     seq_len = cfg.seq_len or spec.seq_len
+    if cfg.remat != "none":
+        spec = with_remat(spec, cfg.remat)
     if not seq_len:
         raise UsageError("the sequence length is unknown: the model has no seq_len; pass --seq-len")
     files = RunFiles(run_dir)

@@ -99,6 +99,10 @@ def train(
     tracker: Optional[str] = typer.Option(
         None, "--tracker", help="Also log to wandb (offline by default; the optional extra bstc[wandb]). "
         "metrics.jsonl and TensorBoard are always written."),
+    remat: Optional[str] = typer.Option(
+        None, "--remat", help="Recompute each block in the backward pass: none (default), full or dots "
+        "(keep matmul outputs). Less activation memory for long sequences, and quicker compiles of deep "
+        "stacks, for a second forward pass; the losses are the same."),
     mesh: Optional[str] = typer.Option(
         None, "--mesh", help="Device mesh, e.g. data=2,tensor=4 (default: the model's mesh section, "
         "else data parallel over every device). See docs/scaling.md."),
@@ -123,7 +127,7 @@ def train(
                  optimizer=optimizer, warmup=warmup, seq_len=seq_len, preset=preset,
                  length_mix=_factors(length_mix),
                  eval_every=eval_every, ckpt_every=ckpt_every, keep=keep, seed=seed, mesh=mesh,
-                 tracker=tracker)
+                 tracker=tracker, remat=remat)
     if step is not None and not resume:
         raise UsageError("--step picks the checkpoint to resume from: use it with --resume")
     if output is not None and not resume:  # an unusable -o is reported before any work
