@@ -284,7 +284,7 @@ def plot_layers(results: list[Result], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: float) -> dict:
+def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: float, remat: str = "none") -> dict:
     """A model's compiled AdamW training step with its state, after one warm-up step."""
     import bstc
     from bstc.compile import plain_train_step
@@ -293,7 +293,7 @@ def _prepare_model(source: str, overrides: dict, batch: int, scan: bool, lr: flo
     t0 = time.perf_counter()
     m = bstc.parse(source, overrides=overrides)
     rep = bstc.explain(m, batch=batch)
-    model = lower(m, key=jax.random.key(0), scan=scan)
+    model = lower(m, key=jax.random.key(0), scan=scan, remat=remat)
     load_s = time.perf_counter() - t0
     L, V = m.dims.seq_len, m.dims.vocab
     params, static = eqx.partition(model, eqx.is_inexact_array)
@@ -322,13 +322,13 @@ def _time_step(prep: dict) -> None:
 
 
 def run_models(sources: list[str], overrides: list[dict], batch: int, steps: int, scan: bool = True,
-               lr: float = 1e-3) -> list[dict]:
+               lr: float = 1e-3, remat: str = "none") -> list[dict]:
     """Several models' training steps in one process: each is compiled and warmed up, then the
     timed steps are interleaved (a rotating order every round), so a slow patch of the machine
     hits them all alike; ratios are to the first model, round by round (their median)."""
     from bstc.runtime.metrics import measure_matmul_peak
 
-    preps = [_prepare_model(src, ov, batch, scan, lr) for src, ov in zip(sources, overrides)]
+    preps = [_prepare_model(src, ov, batch, scan, lr, remat) for src, ov in zip(sources, overrides)]
     for r in range(steps):
         k = r % len(preps)
         for prep in preps[k:] + preps[:k]:
@@ -345,7 +345,7 @@ def run_models(sources: list[str], overrides: list[dict], batch: int, steps: int
                     "step_s": step_s, "tokens_per_s": tps, "compile_s": prep["compile_s"], "load_s": prep["load_s"],
                     "losses": prep["losses"], "flops_per_token": rep.flops_per_token,
                     "train_flops_per_token": rep.train_flops_per_token, "achieved_flops": achieved,
-                    "matmul_peak_flops": peak, "mfu": achieved / peak, "machine": machine_info()})
+                    "matmul_peak_flops": peak, "mfu": achieved / peak, "remat": remat, "machine": machine_info()})
     # The ratio is the median over rounds of each round's ratio: the steps of one round ran side
     # by side, so a load that drifts over the run (it does on a shared machine) cancels.
     ref = out[0]["step_times_s"]

@@ -13,6 +13,7 @@ import json
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -89,13 +90,19 @@ def test_bench_model_reports_mfu(tmp_path):
     path = zoo.resolve("bst_sh_s4")
     sets = [a for k, v in tiny_overrides(path).items() for a in ("--set", f"{k}={v}")]
     r = CliRunner().invoke(app, ["bench", "model", str(path), *sets, "--batch", "2", "--steps", "2",
-                                 "--json", str(out)])
+                                 "--remat", "full", "--json", str(out)])
     assert r.exit_code == 0, r.output
     assert "MFU" in r.output and "tokens/s" in r.output
     d = json.loads(out.read_text())
     assert d["tokens_per_s"] > 0 and d["compile_s"] > 0 and len(d["step_times_s"]) == 2
     assert 0 < d["mfu"] < 1.5 and d["matmul_peak_flops"] > 1e8
     assert d["train_flops_per_token"] == pytest.approx(3 * d["flops_per_token"])
+    # Rematerialised (--remat full), the same steps give the same losses as without it.
+    from bstc.bench import run_model
+
+    assert d["remat"] == "full"
+    plain = run_model(str(path), tiny_overrides(path), 2, 2)
+    np.testing.assert_allclose(d["losses"], plain["losses"], rtol=1e-5)
     r = CliRunner().invoke(app, ["bench", "model", "no_such_model"])
     assert r.exit_code == 2
 

@@ -136,6 +136,8 @@ def model_cmd(
     batch: int = typer.Option(8, "--batch", "-b", min=1, help="Batch size."),
     steps: int = typer.Option(5, "--steps", min=1, help="Timed training steps per model (after one warm-up step)."),
     scan: bool = typer.Option(True, "--scan/--no-scan", help="Stack repeated blocks and run them with lax.scan."),
+    remat: str = typer.Option("none", "--remat", help="Rematerialisation policy of every model: none, full or "
+                              "dots (as bstc train --remat): long sequences whose activations do not fit."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the raw figures here."),
 ):
     """Time whole models' training steps (AdamW), interleaved: step time, tokens/s, compile time, MFU."""
@@ -146,6 +148,8 @@ def model_cmd(
     from bstc.cli.compiler import parse_sets
     from bstc.cli.errors import command as cli_errors
 
+    if remat not in ("none", "full", "dots"):
+        _fail(f"unknown remat policy {remat!r}; choose from none, full, dots")
     paths = []
     for name in models:
         path = zoo.resolve(name)
@@ -156,7 +160,7 @@ def model_cmd(
     @cli_errors
     def go():
         ovs = overrides_per_model(paths, parse_sets(set_))
-        return run_models([str(p) for p in paths], ovs, batch, steps, scan=scan)
+        return run_models([str(p) for p in paths], ovs, batch, steps, scan=scan, remat=remat)
 
     outs = go()
     first, mach = outs[0], outs[0]["machine"]
