@@ -192,8 +192,10 @@ class RunConfig:
         need(self.preset in ("auto", "tiny", "none"),
              f"unknown preset '{self.preset}' (choose from auto, tiny, none)")
         need(self.keep >= 1, f"keep must be >= 1, got {self.keep}")
-        need(self.remat in ("none", "full", "dots"),
-             f"unknown remat policy '{self.remat}' (choose from none, full, dots)")
+        from bstc.lower import REMAT_POLICIES
+
+        need(self.remat in REMAT_POLICIES,
+             f"unknown remat policy '{self.remat}' (choose from {', '.join(REMAT_POLICIES)})")
         if self.sweep:
             from bstc.runtime.sweep import sweep_from_config
 

@@ -148,8 +148,10 @@ def model_cmd(
     from bstc.cli.compiler import parse_sets
     from bstc.cli.errors import command as cli_errors
 
-    if remat not in ("none", "full", "dots"):
-        _fail(f"unknown remat policy {remat!r}; choose from none, full, dots")
+    from bstc.lower import REMAT_POLICIES
+
+    if remat not in REMAT_POLICIES:
+        _fail(f"unknown remat policy {remat!r}; choose from {', '.join(REMAT_POLICIES)}")
     paths = []
     for name in models:
         path = zoo.resolve(name)

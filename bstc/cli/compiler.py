@@ -180,8 +180,11 @@ def compile_(
     from bstc.compile import compile_model
 
     overrides = parse_sets(set_)
-    if remat not in ("none", "full", "dots"):
-        raise typer.BadParameter(f"--remat must be none, full or dots, got {remat!r}")
+    from bstc.lower import REMAT_POLICIES
+
+    if remat not in REMAT_POLICIES:
+        raise typer.BadParameter(f"--remat must be {', '.join(REMAT_POLICIES[:-1])} or {REMAT_POLICIES[-1]}, "
+                                 f"got {remat!r}")
     if out is not None:  # an unusable -o is reported before the (long) compile, in one line
         if out.exists() and not out.is_dir():
             raise typer.BadParameter(f"-o {out} exists and is not a directory")
