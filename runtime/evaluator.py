@@ -67,8 +67,9 @@ def _bins(n: int, count: int = 48) -> list[tuple[int, int]]:
 def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | None = None,
              max_tokens: int = 2**17, batch_tokens: int = 8192, step: int | None = None,
              spec: ModelSpec | None = None, console: Console | None = None,
-             out_dir: Path | None = None) -> dict[str, Any]:
-    """Evaluate a run's checkpoint; write eval-SPLIT.json, per_position-SPLIT.{json,png}."""
+             out_dir: Path | None = None, plot: bool = True) -> dict[str, Any]:
+    """Evaluate a run's checkpoint; write eval-SPLIT.json, per_position-SPLIT.{json,png} (the
+    picture only with `plot`)."""
     from bstc.runtime.step import eval_step
 
     run_dir = Path(run_dir)
@@ -134,10 +135,11 @@ def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | N
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / f"eval-{split}.json").write_text(json.dumps(results, indent=2) + "\n")
     if curves:
-        from bstc.runtime.plot import plot_per_position
-
         (out_dir / f"per_position-{split}.json").write_text(json.dumps(
             {str(k): v for k, v in curves.items()}) + "\n")
+    if curves and plot:
+        from bstc.runtime.plot import plot_per_position
+
         plot_per_position(curves, out_dir / f"per_position-{split}.png",
                           title=f"{spec.name}: per-position loss ({split}, step {step})", window=spec.window)
     results["files"] = sorted(str(p) for p in out_dir.iterdir())

@@ -62,6 +62,7 @@ class Scale:
     eval_every: int = 0         # 0: only at the end
     ckpt_every: int = 100       # resumable within a run
     experts: int = 4            # MoE models: total parameters are matched, so fewer, wider experts
+    run_plots: bool = True      # each run's loss and per-position pictures (the table's own is always drawn)
 
 
 SCALES = {
@@ -71,7 +72,8 @@ SCALES = {
     # Jamba-like stack (one group of 8 layers, 7 of them Mamba) only fits within the tolerance
     # of a single BST-SH group once the embeddings stop dominating (at d_model 32 it is 18% over).
     "smoke": Scale(d_model=96, heads=4, window=16, seq_len=64, ssm_state=8, context_states=4, target_groups=1,
-                   steps=6, batch=4, lr=2e-3, eval_tokens=1024, eval_batches=0, ckpt_every=0, experts=2),
+                   steps=6, batch=4, lr=2e-3, eval_tokens=1024, eval_batches=0, ckpt_every=0, experts=2,
+                   run_plots=False),
     # The documented table: the BST-SH zoo file at d_model 128 with its 12 layers (~2.5M
     # params), 4 blocks of 64 bytes per training sequence, 300 steps of 8 sequences (614k
     # training tokens): the eleven paper rows in 46 minutes on an idle 2-core CPU (docs/results.md).
@@ -177,11 +179,12 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     spec = spec_from_file(path, overrides)
     resume = RunFiles(run_dir).has_checkpoints()
     t0 = time.perf_counter()
-    train(cfg, run_dir, spec, resume=resume, progress=progress, plot=True, tensorboard=False)
+    train(cfg, run_dir, spec, resume=resume, progress=progress, plot=scale.run_plots, tensorboard=False)
     train_s = time.perf_counter() - t0
     L = spec.seq_len
     quiet = Console(quiet=True)
-    ev = evaluate(run_dir, lengths=[L, 2 * L, 4 * L], max_tokens=scale.eval_tokens, console=quiet)
+    ev = evaluate(run_dir, lengths=[L, 2 * L, 4 * L], max_tokens=scale.eval_tokens, console=quiet,
+                  plot=scale.run_plots)
     tps = [r["tokens_per_s"] for r in read_metrics(run_dir) if r.get("split") == "train" and r.get("tokens_per_s")]
     res = dict(model=row, label=LABELS.get(row, row), seed=seed, params=n, target=target,
                matched=abs(n - target) <= TOLERANCE * target, overrides=overrides,
@@ -337,7 +340,8 @@ def run_table(out: Path, scale_name: str = "small", models: list[str] | None = N
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     setup = out / "setup.json"
-    mine = dict(scale=scale_name, **asdict(scale))
+    # What the numbers depend on (whether pictures are drawn does not).
+    mine = dict(scale=scale_name, **{k: v for k, v in asdict(scale).items() if k != "run_plots"})
     if setup.is_file() and json.loads(setup.read_text()) != mine:
         raise UsageError(f"{out} holds a table of another setup ({setup}); choose another --out")
     setup.write_text(json.dumps(mine, indent=2) + "\n")

@@ -16,6 +16,7 @@ import time
 
 import pytest
 
+from conftest import FAST_CODEGEN
 from test_shard import ROOT, RUN_MODEL
 
 WORKER = r'''
@@ -93,7 +94,7 @@ def test_two_processes_train_and_agree(tmp_path):
     port = free_port()
     pypath = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
+               XLA_FLAGS="--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0 " + FAST_CODEGEN,
                PYTHONPATH=os.pathsep.join(pypath))
     for k in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
         env.pop(k, None)
@@ -140,7 +141,7 @@ def test_train_cli_two_processes(tmp_path):
     port = free_port()
     pypath = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(pypath),
-               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0")
+               XLA_FLAGS="--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 " + FAST_CODEGEN)
     procs = [subprocess.Popen([sys.executable, "-m", "bstc.cli", "train", "run.bst", "-o", "two", *common,
                                "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                               env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import jax
 import pytest
-from conftest import assert_sharded_equals_single_device
+from conftest import FAST_CODEGEN, assert_sharded_equals_single_device
 from jax.sharding import PartitionSpec as P
 
 import bstc
@@ -465,7 +465,7 @@ def _subprocess(script: str, tmp_path, *args, timeout: int = 300) -> dict:
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     # 8 fake devices; optimisation level 0 halves XLA's CPU compile time (same numerics on both sides)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " + FAST_CODEGEN)
     r = subprocess.run([sys.executable, str(f), *map(str, args), str(out)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -536,7 +536,7 @@ def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):
 def _cli(args, cwd, devices: int = 1, timeout: int = 300):
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0")
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 {FAST_CODEGEN}")
     r = subprocess.run([sys.executable, "-m", "bstc.cli", *map(str, args)], env=env, cwd=cwd,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
