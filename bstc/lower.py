@@ -134,12 +134,12 @@ class Block(eqx.Module):
 # ---- stages: every stage runs, caches and steps its blocks behind the same three methods ----
 
 
-# The fewest repetitions run by lax.scan. Fewer run as a Python loop over the same stacked
-# weights, which compiles like the blocks unrolled: a scan's loop costs a fixed compile time
-# that only pays off from about five repetitions (the zoo's 4-block unit, AdamW step, CPU: a
-# scan of 3 compiled 1.5x slower than unrolled, 4: 1.15x, 5: the same, 6: 0.8x;
-# docs/benchmarks.md, "Compile time against depth"). The weights' layout, and so checkpoints
-# and sharding, do not depend on it.
+# The fewest repetitions planned as a lax.scan over stacked weights. A shorter run is planned as
+# single blocks with weights of their own: a scan's loop costs a fixed compile time that only
+# pays off from about five repetitions (the zoo's 4-block unit, AdamW step, CPU: a scan of 3
+# compiled 1.5x slower than unrolled, 4: 1.15x, 5: the same, 6: 0.8x), and even a Python loop
+# over stacked weights compiled 1.06-1.28x slower than the blocks unrolled, for the copies of
+# weight slices it makes (docs/benchmarks.md, "Compile time against depth").
 SCAN_MIN_COUNT = 5
 
 
@@ -172,15 +172,6 @@ class Scanned(eqx.Module):
             return (x, aux), None
 
         body = _remat(body, self.remat)
-        if self.count < SCAN_MIN_COUNT:
-            # Split, not indexed (a[c]): the gradient of a split is one concatenate per leaf,
-            # that of count indexings is count pads and adds of the whole stacked leaf.
-            leaves, tree = jax.tree.flatten((params, keys))
-            parts = [jax.lax.split(a, [1] * self.count) for a in leaves]
-            carry = (x, aux)
-            for c in range(self.count):
-                carry, _ = body(carry, tree.unflatten([p[c].reshape(p[c].shape[1:]) for p in parts]))
-            return carry
         (x, aux), _ = jax.lax.scan(body, (x, aux), (params, keys))
         return x, aux
 
@@ -356,7 +347,8 @@ def _build_block(inst: ir.BlockInstance, dims, key) -> Block:
 def plan_stages(layers: tuple[ir.BlockInstance, ...], scan: bool = True) -> list[tuple[str, int, int, int]]:
     """Cover the stack with stages: ('scan', start, unit_len, count) | ('single', i, 1, 1) | ('shared', i, 1, 1).
 
-    At each position take the repeating unit that covers the most blocks (ties: the shortest unit)."""
+    At each position take the repeating unit, repeated at least SCAN_MIN_COUNT times, that covers
+    the most blocks (ties: the shortest unit); where there is none, a single block."""
     sigs = [inst.signature for inst in layers]
     n, i, out = len(layers), 0, []
     while i < n:
@@ -373,10 +365,10 @@ def plan_stages(layers: tuple[ir.BlockInstance, ...], scan: bool = True) -> list
                 c = 1
                 while i + (c + 1) * p <= n and sigs[i + c * p:i + (c + 1) * p] == unit:
                     c += 1
-                if c >= 2 and p * c > best[0] * best[1]:
+                if c >= SCAN_MIN_COUNT and p * c > best[0] * best[1]:
                     best = (p, c)
         p, c = best
-        if c >= 2:
+        if c >= SCAN_MIN_COUNT:
             out.append(("scan", i, p, c))
             i += p * c
         else:

@@ -234,7 +234,7 @@ class NoDecode(eqx.Module):
 
 def test_a_model_without_decode_steps_falls_back_to_recomputation():
     model = bstc.load(SMALL, key=jax.random.key(0))
-    model = eqx.tree_at(lambda m: m.stages[0].unit[0].subs[2].op, model, replace_fn=NoDecode)
+    model = eqx.tree_at(lambda m: m.stages[0].block.subs[2].op, model, replace_fn=NoDecode)
     assert decode.decodable(model) == (False, "NoDecode")
     with pytest.raises(ValueError, match="NoDecode"):
         generate(model, b"x", 3, seq_len=32, vocab=256, cache=True)

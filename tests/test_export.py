@@ -25,7 +25,8 @@ from bstc.runtime.rundir import RunFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A scanned pair of BST layers and one unscanned local layer, so both layouts are exported.
+# A scanned run of five BST layers (bstc.lower.SCAN_MIN_COUNT) and one single local layer, so both
+# layouts are exported.
 MODEL = """\
 model tiny_export {
   vocab = 256              # bytes
@@ -41,7 +42,7 @@ model tiny_export {
   block local {
     attn = block_attention(window: window)
   }
-  layers { embed; bst; bst; local; norm rms; head untied }
+  layers { embed; repeat 5 { bst }; local; norm rms; head untied }
 }
 """
 OVERRIDES = {"d_model": "24", "norm": "layer"}  # one declared parameter, one setting the file lacks
@@ -113,12 +114,12 @@ def test_export_then_load_gives_the_trained_model(run, tmp_path):
     tokens = (jnp.arange(2 * 32).reshape(2, 32) * 7) % 256
     want = np.asarray(logits(trained, tokens))
     np.testing.assert_array_equal(np.asarray(logits(loaded, tokens)), want)
-    # keys are dotted parameter paths; the scanned pair of `bst` blocks is stored stacked
+    # keys are dotted parameter paths; the scanned run of `bst` blocks is stored stacked
     arrays, meta = W.read(weights)
     assert meta["format"] == "bstc" and meta["layout"] == "stacked" and meta["step"] == "2"
     assert "embed.weight" in arrays and "head.weight" in arrays
     stacked = [k for k in arrays if k.startswith("stages.0.unit.0.")]
-    assert stacked and all(arrays[k].shape[0] == 2 for k in stacked)
+    assert stacked and all(arrays[k].shape[0] == 5 for k in stacked)
     assert any(k.startswith("stages.1.block.") for k in arrays)
     np.testing.assert_array_equal(arrays["embed.weight"], np.asarray(trained.embed.weight))
     # and a fresh initialisation is not what was loaded

@@ -366,7 +366,7 @@ def test_a_post_norm_context_source_has_no_unused_norm():
     assert not ssm.residual and ssm.norm == "none"
     model = bstc.load(m, key=jax.random.key(0))
     assert bstc.explain(m).params == sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array)))
-    assert model.stages[0].unit[0].subs[0].norm is None
+    assert model.stages[0].blocks(model.shared)[0].subs[0].norm is None
 
 
 def test_same_set_twice_is_refused():

@@ -75,32 +75,28 @@ def test_zoo_gradient_step_reduces_loss(path):
     assert losses[-1] < losses[0] - 0.05, losses
 
 
-def test_scan_equals_unrolled():
-    """A unit repeated fewer than SCAN_MIN_COUNT times runs as a loop over its stacked weights;
-    test_lax_scan_equals_unrolled covers the scan itself."""
+def test_a_short_run_is_planned_as_the_blocks_unrolled():
+    """A unit repeated fewer than SCAN_MIN_COUNT times gets no stacked weights: the model is the
+    unrolled one, leaf for leaf (test_lax_scan_equals_unrolled covers the scan itself)."""
     path = zoo.resolve("bst_sh_s4")
     m = bstc.parse(path, overrides=tiny_overrides(path, groups=2))
     a = lower(m, key=jax.random.key(4), scan=True)
     b = lower(m, key=jax.random.key(4), scan=False)
-    assert any(isinstance(s, Scanned) for s in a.stages)
-    assert not any(isinstance(s, Scanned) for s in b.stages)
-    assert count_params(a) == count_params(b)
-    toks = _tokens(m)
-    # jitted: one compilation per model instead of one per eagerly dispatched op
-    forward = eqx.filter_jit(lambda model, t, k: model(t, key=k))
-    np.testing.assert_allclose(np.asarray(forward(a, toks, None)), np.asarray(forward(b, toks, None)),
-                               rtol=2e-5, atol=2e-5)
-    # with dropout keys too: the same key gives the same result either way
-    k = jax.random.key(9)
-    np.testing.assert_allclose(np.asarray(forward(a, toks, k)), np.asarray(forward(b, toks, k)), rtol=2e-5, atol=2e-5)
+    assert not any(isinstance(s, Scanned) for s in a.stages) and len(a.stages) == len(m.layers)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
 def test_plan_finds_repeating_units():
     path = zoo.resolve("bst_sh_s4")
     m = bstc.parse(path, overrides=tiny_overrides(path))
-    assert plan_stages(m.layers) == [("single", 0, 1, 1), ("single", 1, 1, 1), ("scan", 2, 1, 2)]
+    # local; bst; local; local: the trailing pair repeats too few times to be scanned
+    assert plan_stages(m.layers) == [("single", i, 1, 1) for i in range(4)]
     m = bstc.parse(path, overrides=tiny_overrides(path, groups=3))
-    assert plan_stages(m.layers) == [("scan", 0, 4, 3)]  # repeat 3 { local; bst; local; local }
+    assert all(k == "single" for k, *_ in plan_stages(m.layers))
+    m = bstc.parse(path, overrides=tiny_overrides(path, groups=5))
+    assert plan_stages(m.layers) == [("scan", 0, 4, 5)]  # repeat 5 { local; bst; local; local }
     assert all(k == "single" for k, *_ in plan_stages(m.layers, scan=False))
 
 

@@ -227,8 +227,8 @@ def test_axes_and_roles_name_every_new_parameter(two):
     roles = jax.tree.leaves(params.param_roles(eqx.filter(model, eqx.is_inexact_array)))
     assert len(names) == len(axes) == len(roles)
     more = [(a, r) for n, a, r in zip(names, axes, roles) if ".attn.more_context" in n]
-    assert len(more) == 1  # the sh set's learned first context (scanned: a leading layers axis)
-    assert more[0] == (("layers", None, "embed"), ROLES["embedding"])
+    # the sh set's learned first context, once per layer (two single blocks: no layers axis)
+    assert more == [((None, "embed"), ROLES["embedding"])] * 2
 
 
 def test_causal_by_perturbation(two):

@@ -39,8 +39,8 @@ def test_short_forms_give_the_explicit_stack_s_ir(short, explicit):
 
 
 def test_a_periodic_pattern_is_one_scan():
-    m = stack('repeat 3 { pattern "LLBL" { L = local; B = bst } }')
-    assert plan_stages(m.layers) == [("scan", 0, 4, 3)]
+    m = stack('repeat 5 { pattern "LLBL" { L = local; B = bst } }')
+    assert plan_stages(m.layers) == [("scan", 0, 4, 5)]
 
 
 def test_yaml_has_the_same_forms():

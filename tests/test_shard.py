@@ -27,7 +27,7 @@ from bstc.passes.mesh import DEFAULT_RULES, LOGICAL_AXES, resolve_mesh
 
 ROOT = Path(__file__).resolve().parent.parent
 
-# A tiny BST: 2 × (local, bst) scanned, then one more local. MESH is line 23: the table below
+# A tiny BST: 5 × (local, bst) scanned (bstc.lower.SCAN_MIN_COUNT), then one more local. MESH is line 23: the table below
 # points there.
 TINY = """\
 model tiny {
@@ -47,7 +47,7 @@ model tiny {
   }
   layers {
     embed
-    repeat 2 { local; bst }
+    repeat 5 { local; bst }
     local
     norm rms
     head untied
@@ -98,7 +98,7 @@ BAD = [
        "`heads -> ()`")]),
     ("mlp-not-divisible", "  mesh { tensor = 5 }\n  rules { heads -> (); vocab -> (); channels -> (); mlp -> tensor }",
      None, None, None,
-     [("m.bst:24:53: error: rule 'mlp -> tensor' splits 'mlp' of size 48 (local.0-1.mlp.w_in (2, 32, 48)) into 5 "
+     [("m.bst:24:53: error: rule 'mlp -> tensor' splits 'mlp' of size 48 (local.0-4.mlp.w_in (5, 32, 48)) into 5 "
        "shards (tensor=5), which does not divide it",
        "choose mesh sizes that divide 48, or replicate it with `mlp -> ()`; 5 more parameters affected")]),
     ("embed-not-divisible-by-default-rule", "  mesh { fsdp = 3 }\n  rules { batch -> () }", None, None, None,
@@ -128,7 +128,7 @@ BAD = [
        "heads) into 3 shards (tensor=3), which does not divide it",
        "choose mesh sizes that divide 4, or replicate it with `heads -> ()`; 12 more parameters affected"),
       ("<--mesh>:1:1: error: the default rule 'channels -> tensor' splits 'channels' of size 32 "
-       "(bst.0-1.ssm.log_dt (2, 32)) into 3 shards (tensor=3), which does not divide it",
+       "(bst.0-4.ssm.log_dt (5, 32)) into 3 shards (tensor=3), which does not divide it",
        "choose mesh sizes that divide 32, or replicate it with `channels -> ()`; 5 more parameters affected"),
       ("<--mesh>:1:1: error: the default rule 'vocab -> tensor' splits 'vocab' of size 64 (embed.weight (64, 32)) "
        "into 3 shards (tensor=3), which does not divide it",
@@ -177,7 +177,7 @@ def test_divisibility_names_the_parameter(tmp_path):
     e = _diagnose(tmp_path, "  mesh { tensor = 5 }\n  rules { heads -> (); vocab -> (); channels -> (); mlp -> tensor }",
                   None, None, None)
     msg = e.diagnostics[0].message
-    assert "(local.0-1.mlp.w_in (2, 32, 48))" in msg, msg  # the first parameter affected, by its layer names
+    assert "(local.0-4.mlp.w_in (5, 32, 48))" in msg, msg  # the first parameter affected, by its layer names
     assert "into 5 shards (tensor=5), which does not divide it" in msg
 
 
@@ -229,8 +229,9 @@ def test_every_parameter_has_known_logical_axes():
     for r in p.rows:
         assert len(r.logical) == len(r.shape), r
         assert all(n is None or n in LOGICAL_AXES for n in r.logical), r
-        if r.name.startswith(("local.0-1", "bst.0-1")):  # scanned stacks: a leading layers axis
-            assert r.logical[0] == "layers" and r.shape[0] == 2, r
+        if r.name.startswith(("local.0-4", "bst.0-4")):  # scanned stacks: a leading layers axis
+            assert r.logical[0] == "layers" and r.shape[0] == 5, r
+    assert any(r.name.startswith("bst.0-4") for r in p.rows)
     # tensor parallel reaches the attention (heads) and the MLP (mlp), FSDP the model width
     specs = {r.name: r.spec for r in p.rows}
     assert any("tensor" in str(s) for n, s in specs.items() if ".attn." in n), specs
@@ -314,7 +315,7 @@ def test_constrain_is_identity_outside_a_sharded_trace():
 # ---- 8 fake devices, in a subprocess --------------------------------------------------------------
 
 # The model the sharded runs train: the BST block (S4D context source -> block attention -> MLP),
-# scanned twice. Small, so each mesh costs one compile of a few seconds.
+# scanned five times (bstc.lower.SCAN_MIN_COUNT). Small, so each mesh costs one compile of a few seconds.
 RUN_MODEL = '''\
 model run {
   vocab = 64
@@ -329,7 +330,7 @@ model run {
   }
   layers {
     embed
-    repeat 2 { bst }
+    repeat 5 { bst }
     norm rms
     head untied
   }
