@@ -67,15 +67,22 @@ def _bins(n: int, count: int = 48) -> list[tuple[int, int]]:
 def evaluate(run_dir: Path, *, split: str = "validation", lengths: list[int] | None = None,
              max_tokens: int = 2**17, batch_tokens: int = 8192, step: int | None = None,
              spec: ModelSpec | None = None, console: Console | None = None,
-             out_dir: Path | None = None, plot: bool = True) -> dict[str, Any]:
+             out_dir: Path | None = None, plot: bool = True, model=None) -> dict[str, Any]:
     """Evaluate a run's checkpoint; write eval-SPLIT.json, per_position-SPLIT.{json,png} (the
-    picture only with `plot`)."""
+    picture only with `plot`). `model` (with the `step` it is from): that model instead of a
+    restored checkpoint, e.g. the one `train` just returned (`RunResult.model`)."""
     from bstc.runtime.step import eval_step
 
     run_dir = Path(run_dir)
     if split not in D.SPLITS:
         raise UsageError(f"unknown split '{split}' (choose from {', '.join(D.SPLITS)})")
-    model, step, cfg, spec = load_model(run_dir, spec, step)
+    if model is None:
+        model, step, cfg, spec = load_model(run_dir, spec, step)
+    else:
+        if step is None:
+            raise UsageError("evaluate(model=...) needs the step the model is from")
+        cfg, info = load_run(run_dir)
+        spec = spec or spec_of_run(run_dir, info)
     train_len = cfg.seq_len or spec.seq_len
     lengths = sorted(set(lengths or [train_len * m for m in (1, 2, 4, 8)]))
     console = console or Console()

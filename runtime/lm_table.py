@@ -179,12 +179,13 @@ def run_one(name: str, seed: int, scale: Scale, target: int, out: Path, *, progr
     spec = spec_from_file(path, overrides)
     resume = RunFiles(run_dir).has_checkpoints()
     t0 = time.perf_counter()
-    train(cfg, run_dir, spec, resume=resume, progress=progress, plot=scale.run_plots, tensorboard=False)
+    trained = train(cfg, run_dir, spec, resume=resume, progress=progress, plot=scale.run_plots, tensorboard=False)
     train_s = time.perf_counter() - t0
     L = spec.seq_len
     quiet = Console(quiet=True)
+    # The model just trained, as the final checkpoint holds it: nothing to restore.
     ev = evaluate(run_dir, lengths=[L, 2 * L, 4 * L], max_tokens=scale.eval_tokens, console=quiet,
-                  plot=scale.run_plots)
+                  plot=scale.run_plots, model=trained.model, step=trained.step if trained.model is not None else None)
     tps = [r["tokens_per_s"] for r in read_metrics(run_dir) if r.get("split") == "train" and r.get("tokens_per_s")]
     res = dict(model=row, label=LABELS.get(row, row), seed=seed, params=n, target=target,
                matched=abs(n - target) <= TOLERANCE * target, overrides=overrides,

@@ -43,6 +43,9 @@ class RunResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)   # step -> train loss, this process
     val: dict[str, float] | None = None
+    # The model after the last step this call ran (None if it ran none): what the final
+    # checkpoint holds, for evaluating without restoring it (`evaluate(..., model=, step=)`).
+    model: Any = None
 
 
 class _Signals:
@@ -333,6 +336,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
                         f"loss is {stats['loss']} at step {step}: stopping; {where}. Lower --lr or raise "
                         "the warmup, then --resume.")
                 run.state = new_state
+                run.result.model = new_state.model
                 run.result.losses[step] = stats["loss"]
                 run.result.step = step
                 try:

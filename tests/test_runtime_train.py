@@ -213,6 +213,15 @@ def test_eval_reports_lengths_and_per_position_loss(tmp_path):
     saved = json.loads((run / "eval" / "eval-validation.json").read_text())
     assert saved["lengths"]["64"]["loss"] == res["lengths"]["64"]["loss"]
     assert (run / "eval" / "per_position-validation.png").stat().st_size > 1000
+    # The model `train` returns is the one its final checkpoint holds: evaluated without a
+    # restore, it gives the same figures.
+    again = train(cfg(steps=12, ckpt_every=12), run, standin(), resume=True, **QUIET)
+    direct = evaluate(run, spec=standin(), lengths=[64], max_tokens=1024, model=again.model, step=again.step,
+                      out_dir=tmp_path / "direct", plot=False)
+    restored = evaluate(run, spec=standin(), lengths=[64], max_tokens=1024, out_dir=tmp_path / "restored")
+    assert direct["step"] == restored["step"] == 12
+    assert direct["lengths"]["64"]["loss"] == restored["lengths"]["64"]["loss"]
+    assert not (tmp_path / "direct" / "per_position-validation.png").exists()
 
 
 def test_synthetic_task_reports_accuracy(tmp_path):
