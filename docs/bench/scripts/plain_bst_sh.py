@@ -11,15 +11,13 @@ einsum with an explicit mask; a GELU MLP; pre-RMS norms. It reads bstc's paramet
 give bstc's output (checked below), so both compute the same function.
 
 Sizes as `bstc bench layers`' defaults: D 256, 4 heads, W 256, S4D state 64."""
-import statistics
 import sys
-import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _interleaved import compiled_grad, median_times
 from bstc.bench import BenchConfig, build_layer
 
 L = int(sys.argv[1]) if len(sys.argv) > 1 else 4096
@@ -73,32 +71,11 @@ def plain_bst_sh(p, x):
 x = jax.random.normal(jax.random.key(1), (B, L, D))
 np.testing.assert_allclose(np.asarray(jax.jit(plain_bst_sh)(sh, x)), np.asarray(jax.jit(lambda m, x: m(x))(sh, x)),
                            rtol=2e-3, atol=2e-3)
-parts = {}
-
-
-def add(name, module, f):
-    """f(module, x) -> output; timed: the gradient of its sum w.r.t. the module and x."""
-    p, static = eqx.partition(module, eqx.is_inexact_array)
-    g = jax.jit(jax.grad(lambda p, x: jnp.sum(f(eqx.combine(p, static), x)), argnums=(0, 1)))
-    c = g.lower(p, x).compile()
-    jax.block_until_ready(c(p, x))
-    flops = (c.cost_analysis() or {}).get("flops", float("nan"))
-    parts[name] = (c, p, flops)
-
-
-add("bstc BST-SH layer", sh, lambda m, x: m(x))
-add("plain BST-SH layer", sh, plain_bst_sh)
-add("bstc Slide layer", slide, lambda m, x: m(x))
-times = {n: [] for n in parts}
-names = list(parts)
-for r in range(7):
-    for n in names[r % len(names):] + names[:r % len(names)]:
-        c, p, _ = parts[n]
-        t0 = time.perf_counter()
-        jax.block_until_ready(c(p, x))
-        times[n].append(time.perf_counter() - t0)
-ref = statistics.median(times["plain BST-SH layer"])
+parts = {"bstc BST-SH layer": compiled_grad(sh, lambda m, x: m(x), x),
+         "plain BST-SH layer": compiled_grad(sh, plain_bst_sh, x),
+         "bstc Slide layer": compiled_grad(slide, lambda m, x: m(x), x)}
+times = median_times(parts, x, rounds=7)
+ref = times["plain BST-SH layer"]
 print(f"L={L} batch={B}, forward + backward, median of 7 interleaved rounds; outputs agree")
-for n in names:
-    m = statistics.median(times[n])
+for n, m in times.items():
     print(f"{n:22s} {1e3 * m:9.1f} ms  {m / ref:5.2f}× the plain layer   XLA flops {parts[n][2] / 1e9:7.2f} G")

@@ -5,14 +5,11 @@ compiled once and timed interleaved in one process (median of 5 rounds, rotating
 
 Sizes as `bstc bench layers`' defaults: D 256, 4 heads, W 256, S4D state 64."""
 import dataclasses
-import statistics
 import sys
-import time
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 
+from _interleaved import compiled_grad, median_times
 from bstc.bench import BenchConfig, build_layer
 from bstc.ops import _ssm
 
@@ -27,12 +24,8 @@ parts = {}
 
 
 def add(name, module, f):
-    """f(module, *inputs) -> output; timed: the gradient of its sum w.r.t. the module and x."""
-    p, static = eqx.partition(module, eqx.is_inexact_array)
-    g = jax.jit(jax.grad(lambda p, x: jnp.sum(f(eqx.combine(p, static), x)), argnums=(0, 1)))
-    c = g.lower(p, x).compile()
-    jax.block_until_ready(c(p, x))
-    parts[name] = (c, p)
+    """f(module, x) -> output; timed: the gradient of its sum w.r.t. the module and x."""
+    parts[name] = compiled_grad(module, f, x)
 
 
 add("BST-SH layer", sh, lambda m, x: m(x))
@@ -45,16 +38,8 @@ add("  gelu + output map", s4d, lambda m, x: _ssm.ssm_head(x[:, :, None], m.w_ou
 add("block attention (sh context)", ba, lambda m, x: m(x, context=x))
 add("sliding attention", sa, lambda m, x: m(x))
 add("mlp", mlp, lambda m, x: m(x))
-times = {n: [] for n in parts}
-names = list(parts)
-for r in range(5):
-    for n in names[r % len(names):] + names[:r % len(names)]:
-        c, p = parts[n]
-        t0 = time.perf_counter()
-        jax.block_until_ready(c(p, x))
-        times[n].append(time.perf_counter() - t0)
-ref = statistics.median(times["BST-SH layer"])
+times = median_times(parts, x, rounds=5)
+ref = times["BST-SH layer"]
 print(f"L={L} batch={B}, forward + backward, median of 5 interleaved rounds")
-for n in names:
-    m = statistics.median(times[n])
+for n, m in times.items():
     print(f"{n:32s} {1e3 * m:9.1f} ms  {m / ref:5.2f}× the BST-SH layer")
