@@ -87,9 +87,13 @@ class Checkpointer:
         arrays, static = eqx.partition(template, _array_like)
         leaves, treedef = jax.tree.flatten(arrays)
         # Restore into the template's own placement: a template on a mesh (bstc.placement) shard by
-        # shard onto that mesh, a one-device template onto its device — whatever mesh saved it.
+        # shard onto that mesh, a one-device template onto its device — whatever mesh saved it. A
+        # template of shapes alone (eval_shape) goes to the default device: without a sharding
+        # orbax would restore onto the saving mesh's devices, which a one-device `bstc eval` of
+        # an 8-device run does not have ("topology mismatch").
+        here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
         abstract = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding if isinstance(x, jax.Array)
-                                         else None) for x in leaves]
+                                         else getattr(x, "sharding", None) or here) for x in leaves]
         items = dict(state=ocp.args.StandardRestore(abstract))
         if data_iter is not None:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
