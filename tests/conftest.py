@@ -13,8 +13,20 @@ os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 # MLIR fusion emitters, and one codegen thread per program suits two test workers on two cores:
 # 20 first calls of a random normal of new shapes, 3.7 s -> 2.1 s; the smoke LM table, 184 s -> 100 s.
 # Code generation only, again: the HLO, and so the results, are the same.
-FAST_CODEGEN = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN}".strip()
+# XLA aborts the process on a flag its version does not know, so the flags are tried once in
+# a throwaway interpreter (the result is passed on to xdist workers and subprocesses).
+if "BSTC_TEST_FAST_CODEGEN" not in os.environ:
+    import subprocess
+    import sys
+
+    _flags = "--xla_cpu_use_fusion_emitters=false --xla_cpu_parallel_codegen_split_count=1"
+    _probe = subprocess.run([sys.executable, "-c", "import jax.numpy as jnp; jnp.zeros(1).block_until_ready()"],
+                            env=dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {_flags}"),
+                            capture_output=True, timeout=300)
+    os.environ["BSTC_TEST_FAST_CODEGEN"] = _flags if _probe.returncode == 0 else ""
+FAST_CODEGEN = os.environ["BSTC_TEST_FAST_CODEGEN"]
+if FAST_CODEGEN not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {FAST_CODEGEN}".strip()
 # Token shards of the test corpora go to a temporary cache, not the user's ~/.cache/bstc/data.
 os.environ.setdefault("BSTC_DATA_CACHE", os.path.join(__import__("tempfile").gettempdir(), "bstc-test-data-cache"))
 
