@@ -531,6 +531,62 @@ def test_sharded_checkpoint_restores_onto_another_mesh(tmp_path):
     assert res["max_err"] == 0.0 and res["n"] > 10 and res["tensor_sharded"] > 0
 
 
+# The runtime's checkpoints: saved by 8 devices (fsdp=8), restored by a one-device process from
+# a template of shapes alone, as `bstc eval` does with a run trained on a mesh.
+RUNTIME_SAVE = r'''
+import sys
+import jax, numpy as np, equinox as eqx
+import bstc
+from bstc import placement, shard_plan
+from bstc.runtime.checkpoint import Checkpointer
+model_path, ckdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+model = bstc.load(model_path, key=jax.random.key(0))
+plan = shard_plan.plan(bstc.parse(model_path), "fsdp=8", n_devices=8)
+mesh = placement.make_mesh(plan)
+arrays = eqx.filter(model, eqx.is_array)
+sharded = eqx.combine(placement.shard_tree(arrays, placement.tree_shardings(arrays, plan, mesh)), model)
+assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(eqx.filter(sharded, eqx.is_array)))
+ck = Checkpointer(ckdir)
+ck.save(1, sharded, None, {})
+ck.close()
+np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(arrays)])
+'''
+RUNTIME_RESTORE = r'''
+import json, sys
+import jax, numpy as np, equinox as eqx
+import bstc
+from bstc.runtime.checkpoint import Checkpointer
+model_path, ckdir, saved, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+template = eqx.filter_eval_shape(lambda: bstc.load(model_path, key=jax.random.key(1)))
+state, _ = Checkpointer(ckdir).restore(1, template, None, None)
+want = np.load(saved)
+got = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(state, eqx.is_array))]
+json.dump({"n": len(got), "equal": all(np.array_equal(g, want[f"arr_{i}"]) for i, g in enumerate(got)),
+           "devices": jax.device_count()}, open(out, "w"))
+'''
+
+
+def test_a_mesh_checkpoint_restores_in_a_one_device_process(tmp_path):
+    path = tmp_path / "run.bst"
+    path.write_text(RUN_MODEL)
+    saved = tmp_path / "saved.npz"
+    f = tmp_path / "save.py"
+    f.write_text(RUNTIME_SAVE)
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
+               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_CODEGEN}")
+    r = subprocess.run([sys.executable, str(f), str(path), str(tmp_path / "ckpt"), str(saved)], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    f = tmp_path / "restore.py"
+    f.write_text(RUNTIME_RESTORE)
+    env["XLA_FLAGS"] = FAST_CODEGEN
+    r = subprocess.run([sys.executable, str(f), str(path), str(tmp_path / "ckpt"), str(saved), str(tmp_path / "o.json")],
+                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    res = json.loads((tmp_path / "o.json").read_text())
+    assert res == {"n": res["n"], "equal": True, "devices": 1} and res["n"] > 10
+
+
 # ---- the runtime on a mesh (the CLI, in subprocesses) --------------------------------------------
 
 
