@@ -458,15 +458,16 @@ json.dump({"max_err": max(errs), "n": len(errs), "tensor_sharded": moved}, open(
 '''
 
 
-def _subprocess(script: str, tmp_path, *args, timeout: int = 300) -> dict:
-    """Run `script ARGS... OUT` with 8 fake CPU devices; return the JSON it wrote to OUT."""
+def _subprocess(script: str, tmp_path, *args, timeout: int = 300, devices: int = 8) -> dict:
+    """Run `script ARGS... OUT` with `devices` fake CPU devices; return the JSON it wrote to OUT."""
     f = tmp_path / "script.py"
     f.write_text(script)
     out = tmp_path / "out.json"
     path = [str(ROOT)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
-    # 8 fake devices; optimisation level 0 halves XLA's CPU compile time (same numerics on both sides)
+    # fake devices; optimisation level 0 halves XLA's CPU compile time (same numerics on both sides)
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join(path),
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 " + FAST_CODEGEN)
+               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
+                         + FAST_CODEGEN)
     r = subprocess.run([sys.executable, str(f), *map(str, args), str(out)], env=env, cwd=ROOT,
                        capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, r.stderr[-4000:]
@@ -539,17 +540,19 @@ import jax, numpy as np, equinox as eqx
 import bstc
 from bstc import placement, shard_plan
 from bstc.runtime.checkpoint import Checkpointer
-model_path, ckdir, out = sys.argv[1], sys.argv[2], sys.argv[3]
+import json
+model_path, ckdir, saved, out = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 model = bstc.load(model_path, key=jax.random.key(0))
 plan = shard_plan.plan(bstc.parse(model_path), "fsdp=8", n_devices=8)
 mesh = placement.make_mesh(plan)
 arrays = eqx.filter(model, eqx.is_array)
 sharded = eqx.combine(placement.shard_tree(arrays, placement.tree_shardings(arrays, plan, mesh)), model)
-assert any(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(eqx.filter(sharded, eqx.is_array)))
 ck = Checkpointer(ckdir)
 ck.save(1, sharded, None, {})
 ck.close()
-np.savez(out, *[np.asarray(x) for x in jax.tree.leaves(arrays)])
+np.savez(saved, *[np.asarray(x) for x in jax.tree.leaves(arrays)])
+json.dump({"sharded": sum(len(x.sharding.device_set) > 1 for x in jax.tree.leaves(eqx.filter(sharded, eqx.is_array)))},
+          open(out, "w"))
 '''
 RUNTIME_RESTORE = r'''
 import json, sys
@@ -569,21 +572,9 @@ json.dump({"n": len(got), "equal": all(np.array_equal(g, want[f"arr_{i}"]) for i
 def test_a_mesh_checkpoint_restores_in_a_one_device_process(tmp_path):
     path = tmp_path / "run.bst"
     path.write_text(RUN_MODEL)
-    saved = tmp_path / "saved.npz"
-    f = tmp_path / "save.py"
-    f.write_text(RUNTIME_SAVE)
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(ROOT),
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=8 {FAST_CODEGEN}")
-    r = subprocess.run([sys.executable, str(f), str(path), str(tmp_path / "ckpt"), str(saved)], env=env, cwd=ROOT,
-                       capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    f = tmp_path / "restore.py"
-    f.write_text(RUNTIME_RESTORE)
-    env["XLA_FLAGS"] = FAST_CODEGEN
-    r = subprocess.run([sys.executable, str(f), str(path), str(tmp_path / "ckpt"), str(saved), str(tmp_path / "o.json")],
-                       env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-4000:]
-    res = json.loads((tmp_path / "o.json").read_text())
+    args = (path, tmp_path / "ckpt", tmp_path / "saved.npz")
+    assert _subprocess(RUNTIME_SAVE, tmp_path, *args)["sharded"] > 0
+    res = _subprocess(RUNTIME_RESTORE, tmp_path, *args, devices=1)
     assert res == {"n": res["n"], "equal": True, "devices": 1} and res["n"] > 10
 
 
