@@ -187,11 +187,24 @@ class Result:
         return statistics.median(self.times_s) if self.times_s else None
 
 
-def _memory_bytes() -> float:
+def memory_bytes() -> float:
+    """The memory a layer runs in: an accelerator's own (the limit its allocator reports), else
+    this host's RAM (the CPU backend reports no limit)."""
+    try:
+        limit = (jax.devices()[0].memory_stats() or {}).get("bytes_limit")
+    except Exception:  # a backend without memory statistics
+        limit = None
+    if limit:
+        return float(limit)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 16 * 2**30
+
+
+def out_of_memory(e: Exception) -> bool:
+    """Whether XLA failed for want of memory (a cell to skip, not a run to end)."""
+    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: int, max_seconds: float,
@@ -199,19 +212,23 @@ def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: 
     """Time every candidate at every length; interleave the candidates within each repeat."""
     results: list[Result] = []
     last: dict[str, tuple[int, float]] = {}  # candidate -> (length, median) at the last length it ran
+    no_memory: dict[str, int] = {}  # candidate -> the length at which it ran out of memory
     for L in lengths:
         ready = []
         for name in names:
             r = Result(name, L)
             results.append(r)
             cand = CANDIDATES[name]
+            if L >= no_memory.get(name, L + 1):  # a longer sequence will not fit either
+                r.skipped = f"out of memory on this device at L = {no_memory[name]}"
+                continue
             if name in last:  # extrapolate from the previous length: skip what would exceed the guard
                 L0, t0 = last[name]
                 guess = t0 * (L / L0) ** (2 if cand.quadratic else 1)
                 if guess > max_seconds:
-                    r.skipped = f"predicted {guess:.1f} s per step > --max-seconds {max_seconds:g}"
+                    r.skipped = f"predicted {guess:.3g} s per step > --max-seconds {max_seconds:g}"
                     continue
-            if cand.quadratic and 4.0 * cfg.batch * cfg.heads * L * L * 4 > 0.5 * _memory_bytes():
+            if cand.quadratic and 4.0 * cfg.batch * cfg.heads * L * L * 4 > 0.5 * memory_bytes():
                 r.skipped = "the L×L attention weights would not fit in memory"
                 continue
             try:
@@ -219,17 +236,27 @@ def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: 
             except Unfit as e:
                 r.skipped = str(e)
                 continue
-            f, params = fwd_bwd(layer)
-            x = jax.random.normal(jax.random.key(1), (cfg.batch, L, cfg.d_model), jnp.float32)
-            t0 = time.perf_counter()
-            compiled = f.lower(params, x).compile()
-            r.compile_s = time.perf_counter() - t0
+            try:
+                f, params = fwd_bwd(layer)
+                x = jax.random.normal(jax.random.key(1), (cfg.batch, L, cfg.d_model), jnp.float32)
+                t0 = time.perf_counter()
+                compiled = f.lower(params, x).compile()
+                r.compile_s = time.perf_counter() - t0
+                warm = _timed(compiled, params, x)  # first call: allocation, thread pools
+            except jax.errors.JaxRuntimeError as e:
+                if not out_of_memory(e):
+                    raise
+                # The guard above covers attention weights only; whatever else does not fit is
+                # one skipped cell, not the end of a long report.
+                r.skipped = "out of memory on this device"
+                no_memory[name] = L
+                log(f"L={L} {name}: out of memory, skipped")
+                continue
             r.params = sum(a.size for a in jax.tree.leaves(params))
             r.flops_per_token = layer_flops_per_token(name, cfg, L)
-            warm = _timed(compiled, params, x)  # first call: allocation, thread pools
             if warm > max_seconds:
                 r.times_s = [warm]
-                r.skipped = f"one step took {warm:.1f} s > --max-seconds {max_seconds:g}; timed once"
+                r.skipped = f"one step took {warm:.3g} s > --max-seconds {max_seconds:g}; timed once"
                 last[name] = (L, warm)
                 continue
             ready.append((r, compiled, params, x))

@@ -13,6 +13,7 @@ which the test suite runs. Options override a preset's sizes.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +66,12 @@ def _layers_markdown(results, lengths, rat) -> list[str]:
     return out
 
 
+def _skips_markdown(results) -> list[str]:
+    """Why each skipped (or once-timed) cell is so: the guards' and the device's reasons."""
+    notes = [f"- {CANDIDATES[r.candidate].label}, L = {r.length}: {r.skipped}" for r in results if r.skipped]
+    return ["Skipped cells (\\* = timed once):", "", *notes, ""] if notes else []
+
+
 def _claim(rat, lengths) -> str:
     """The paper's claim: BST-SH at least 10× faster than the BRT layer at L ≥ 8k."""
     long = [(L, rat[("brt", L)]) for L in lengths if L >= 8192 and ("brt", L) in rat]
@@ -80,16 +87,21 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, lengths = preset.layers, list(preset.lengths)
+    phases: dict[str, float] = {}  # seconds per part, compiles included: where a time budget went
+    t0 = time.perf_counter()
     log("layers …")
     results = run_layers(list(preset.kinds), lengths, cfg, preset.repeats, preset.max_seconds, log=log)
     rat = ratios(results)
     plot_layers(results, out_dir / "layers.png", f"one layer, forward + backward — D={cfg.d_model}, W={cfg.window}")
+    phases["layers"], t0 = time.perf_counter() - t0, time.perf_counter()
     log("models …")
     paths = [zoo.resolve(m) for m in preset.models]
     ovs = overrides_per_model(paths, preset.model_sets)
     models = run_models([str(p) for p in paths], ovs, preset.batch, preset.steps)
+    phases["models"], t0 = time.perf_counter() - t0, time.perf_counter()
     log("decoding …")
     dec = run_decode(str(paths[0]), ovs[0], preset.decode_tokens, 1)
+    phases["decoding"] = time.perf_counter() - t0
     mach = machine_info()
 
     md = [f"# bstc speed report — {mach['device']} ({mach['backend']})", "",
@@ -97,7 +109,7 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
           "ran interleaved in this one process; read the ratios.", "",
           f"## One layer, forward + backward (D = {cfg.d_model}, H = {cfg.heads}, W = {cfg.window}, "
           f"batch {cfg.batch}; × BST-SH)", "", *_layers_markdown(results, lengths, rat), "",
-          _claim(rat, lengths), "", "![layers](layers.png)", "",
+          *_skips_markdown(results), _claim(rat, lengths), "", "![layers](layers.png)", "",
           f"## Training step (batch {preset.batch} × {models[0]['seq_len']} tokens; × {models[0]['model']})", "",
           "| model | params | step | × first | tokens/s | MFU |", "|---|---:|---:|---:|---:|---:|"]
     for o in models:
@@ -108,13 +120,15 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
            f"## Sampling ({dec['model']}, {dec['tokens']} tokens at seq_len {dec['seq_len']})", "",
            "| decoding | ms / token |", "|---|---:|",
            *(f"| {w} | {1e3 * t:.2f} |" for w, t in dec["s_per_token"].items()),
-           "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", ""]
+           "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", "",
+           "Time taken, compiles included: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) +
+           f"; {sum(phases.values()):.0f} s in all.", ""]
     (out_dir / "report.md").write_text("\n".join(md))
     data = {"machine": mach, "preset": {"layers": vars(cfg), "lengths": lengths, "kinds": list(preset.kinds),
                                         "models": list(preset.models), "model_sets": preset.model_sets},
             "layers": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s, "median_s": r.median_s,
                         "ratio_vs_reference": rat.get((r.candidate, r.length)), "skipped": r.skipped,
                         "flops_per_token": r.flops_per_token} for r in results],
-            "models": models, "decode": dec}
+            "models": models, "decode": dec, "seconds": phases}
     (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
     return data

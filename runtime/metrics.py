@@ -189,12 +189,13 @@ class ProgressBar:
             self.console.print(*args, **kw)
 
 
-def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
+def measure_matmul_peak(n: int | None = None, seconds: float = 1.0) -> float:
     """The best FLOP/s of a jitted f32 n×n matmul on this machine: the denominator of MFU (the
-    trainer's progress bar and `bstc bench model`)."""
+    trainer's progress bar and `bstc bench model`). n defaults to `peak_matmul_size()`."""
     import jax
     import jax.numpy as jnp
 
+    n = n or peak_matmul_size(jax.default_backend())
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
     f = jax.jit(lambda x: x @ x)
     jax.block_until_ready(f(a))
@@ -204,4 +205,11 @@ def measure_matmul_peak(n: int = 2048, seconds: float = 1.0) -> float:
         jax.block_until_ready(f(a))
         best = min(best, time.perf_counter() - t0)
     return 2.0 * n**3 / best
+
+
+def peak_matmul_size(backend: str) -> int:
+    """The matmul side that shows a backend's peak: 2048 saturates a CPU's cores; an accelerator
+    finishes a 2048² matmul in tens of microseconds, where the launch and the wait for the
+    result would count as much as the arithmetic, so it gets 8192² (a TFLOP, milliseconds)."""
+    return 2048 if backend == "cpu" else 8192
 

@@ -290,7 +290,10 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
               f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
               (f" (resuming at step {start})" if start else "") + (f" · {sh.describe()}" if sh else ""))
-    peak = measure_matmul_peak(n=1024, seconds=0.3) if spec.flops_per_token and progress else None
+    # A quick estimate for the progress bar's MFU: a smaller matmul on a CPU (start-up time), the
+    # accelerator's own size elsewhere (a small one would understate its peak).
+    quick = 1024 if jax.default_backend() == "cpu" else None
+    peak = measure_matmul_peak(n=quick, seconds=0.3) if spec.flops_per_token and progress else None
 
     log_dir = run_dir  # multi-host: process 0 writes the run's metrics, the others their own
     if jax.process_index() > 0:

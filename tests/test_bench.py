@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 
 import equinox as eqx
 import jax
@@ -65,6 +66,52 @@ def test_bench_layers_guard_and_errors(tmp_path):
     assert r.exit_code == 2 and "multiple of --window" in r.output
     r = CliRunner().invoke(app, ["bench", "layers", "--kinds", "s4", *TINY_LAYERS])
     assert r.exit_code == 2 and "unknown candidate" in r.output
+
+
+def test_a_layer_out_of_memory_is_a_skipped_cell_not_the_end_of_the_run(monkeypatch):
+    """XLA's RESOURCE_EXHAUSTED while one candidate compiles or first runs skips that cell and
+    the candidate's longer lengths; the others are timed; any other XLA error still stops the run."""
+    from bstc import bench
+
+    built, real_build, real_fwd_bwd = [], bench.build_layer, bench.fwd_bwd
+    monkeypatch.setattr(bench, "build_layer", lambda name, *a, **k: built.append(name) or real_build(name, *a, **k))
+
+    def fwd_bwd(layer):
+        if built[-1] == "full":
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 68719476736 bytes.")
+        return real_fwd_bwd(layer)
+
+    monkeypatch.setattr(bench, "fwd_bwd", fwd_bwd)
+    cfg = bench.BenchConfig(d_model=32, heads=2, window=16, ssm_state=8)
+    results = bench.run_layers(["slide", "full"], [32, 64], cfg, repeats=1, max_seconds=60)
+    cells = {(r.candidate, r.length): r for r in results}
+    assert all(cells[("slide", L)].times_s and not cells[("slide", L)].skipped for L in (32, 64))
+    assert cells[("full", 32)].skipped == "out of memory on this device" and not cells[("full", 32)].times_s
+    assert cells[("full", 64)].skipped == "out of memory on this device at L = 32"
+    assert built.count("full") == 1  # not built again at the longer length
+
+    def broken(layer):
+        raise jax.errors.JaxRuntimeError("INTERNAL: something else")
+
+    monkeypatch.setattr(bench, "fwd_bwd", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        bench.run_layers(["slide"], [32], cfg, repeats=1, max_seconds=60)
+
+
+def test_the_memory_guard_reads_an_accelerators_own_limit(monkeypatch):
+    from bstc import bench
+
+    class Device:
+        def __init__(self, stats):
+            self.stats = stats
+
+        def memory_stats(self):
+            return self.stats
+
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device({"bytes_limit": 80 * 2**30, "bytes_in_use": 0})])
+    assert bench.memory_bytes() == 80 * 2**30
+    monkeypatch.setattr(jax, "devices", lambda *a: [Device(None)])  # the CPU backend: the host's RAM
+    assert bench.memory_bytes() == os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def test_bench_layer_costs_come_from_the_registry():
@@ -211,9 +258,10 @@ def test_bench_report_writes_markdown_json_and_plot(tmp_path):
     r = CliRunner().invoke(app, ["bench", "report", "--preset", "cpu", "--lengths", "64", "--out", str(tmp_path)])
     assert r.exit_code == 0, r.output
     md = (tmp_path / "report.md").read_text()
-    for part in ("One layer", "BRT recurrent layer", "Training step", "MFU", "Sampling", "BRT ÷ BST-SH"):
+    for part in ("One layer", "BRT recurrent layer", "Training step", "MFU", "Sampling", "BRT ÷ BST-SH", "Time taken"):
         assert part in md, part
     data = json.loads((tmp_path / "report.json").read_text())
+    assert set(data["seconds"]) == {"layers", "models", "decoding"} and all(v > 0 for v in data["seconds"].values())
     assert {x["candidate"] for x in data["layers"]} == {"bst_sh_s4", "brt", "slide", "full"}
     assert [m["model"] for m in data["models"]] == ["bst_sh_s4", "slide", "transformer"]
     assert data["models"][0]["ratio_vs_first"] == 1.0 and 0 < data["models"][0]["mfu"]
