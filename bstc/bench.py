@@ -208,17 +208,23 @@ def out_of_memory(e: Exception) -> bool:
 
 
 def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: int, max_seconds: float,
-               log: Callable[[str], None] = lambda s: None) -> list[Result]:
-    """Time every candidate at every length; interleave the candidates within each repeat."""
+               log: Callable[[str], None] = lambda s: None, deadline: float | None = None) -> list[Result]:
+    """Time every candidate at every length; interleave the candidates within each repeat.
+    With a `deadline` (a `time.perf_counter()` value) no length after the first is started past
+    it: its cells and the later ones are skipped, so that a report fits a time budget on any device."""
     results: list[Result] = []
     last: dict[str, tuple[int, float]] = {}  # candidate -> (length, median) at the last length it ran
     no_memory: dict[str, int] = {}  # candidate -> the length at which it ran out of memory
-    for L in lengths:
+    for i, L in enumerate(lengths):
         ready = []
+        over_time = deadline is not None and i > 0 and time.perf_counter() > deadline
         for name in names:
             r = Result(name, L)
             results.append(r)
             cand = CANDIDATES[name]
+            if over_time:  # a whole length or none: its ratios need BST-SH beside the others
+                r.skipped = "the report's time budget was spent before this length"
+                continue
             if L >= no_memory.get(name, L + 1):  # a longer sequence will not fit either
                 r.skipped = f"out of memory on this device at L = {no_memory[name]}"
                 continue

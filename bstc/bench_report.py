@@ -7,7 +7,8 @@ interleaved), and sampling with the caches against recomputation (`bench decode`
 `report.md`, `report.json` and the layer plot into one directory.
 
 Presets: `paper` (D 1024, H 8, W 512, L 4k–32k; full attention skipped past the time guard),
-sized for one accelerator in about 8 minutes, and `cpu` (tiny widths, a few seconds per cell),
+sized for one accelerator within an 8-minute budget (no new layer length is started after 60%
+of it, whatever the device's speed), and `cpu` (tiny widths, a few seconds per cell),
 which the test suite runs. Options override a preset's sizes.
 """
 from __future__ import annotations
@@ -34,12 +35,18 @@ class Preset:
     repeats: int = 3
     max_seconds: float = 20.0
     decode_tokens: int = 64
+    # Seconds for the whole report (None: no limit). The layers may use LAYER_SHARE of it: no
+    # new length is started after that, which leaves the rest for the models and decoding.
+    budget_s: float | None = None
+
+
+LAYER_SHARE = 0.6
 
 
 PRESETS = {
     "paper": Preset(BenchConfig(d_model=1024, heads=8, window=512, batch=1), (4096, 8192, 16384, 32768),
                     ("bst_sh_s4", "bst_mh_s4", "bst_mf_s4", "brt", "slide", "txl", "full"),
-                    {"seq_len": 4096}, max_seconds=5.0),
+                    {"seq_len": 4096}, max_seconds=5.0, budget_s=480.0),
     "cpu": Preset(BenchConfig(d_model=32, heads=2, window=16, batch=1, ssm_state=8, context_states=4), (64, 128),
                   ("bst_sh_s4", "brt", "slide", "full"),
                   {"d_model": 32, "heads": 2, "window": 16, "seq_len": 64, "groups": 1, "depth": 4, "mlp_hidden": 64,
@@ -89,8 +96,10 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
     cfg, lengths = preset.layers, list(preset.lengths)
     phases: dict[str, float] = {}  # seconds per part, compiles included: where a time budget went
     t0 = time.perf_counter()
+    deadline = t0 + LAYER_SHARE * preset.budget_s if preset.budget_s else None
     log("layers …")
-    results = run_layers(list(preset.kinds), lengths, cfg, preset.repeats, preset.max_seconds, log=log)
+    results = run_layers(list(preset.kinds), lengths, cfg, preset.repeats, preset.max_seconds, log=log,
+                         deadline=deadline)
     rat = ratios(results)
     plot_layers(results, out_dir / "layers.png", f"one layer, forward + backward — D={cfg.d_model}, W={cfg.window}")
     phases["layers"], t0 = time.perf_counter() - t0, time.perf_counter()
@@ -122,10 +131,13 @@ def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
            *(f"| {w} | {1e3 * t:.2f} |" for w, t in dec["s_per_token"].items()),
            "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", "",
            "Time taken, compiles included: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) +
-           f"; {sum(phases.values()):.0f} s in all.", ""]
+           f"; {sum(phases.values()):.0f} s in all" +
+           (f" (budget {preset.budget_s:.0f} s; no new layer length after {LAYER_SHARE:.0%} of it)."
+            if preset.budget_s else "."), ""]
     (out_dir / "report.md").write_text("\n".join(md))
     data = {"machine": mach, "preset": {"layers": vars(cfg), "lengths": lengths, "kinds": list(preset.kinds),
-                                        "models": list(preset.models), "model_sets": preset.model_sets},
+                                        "models": list(preset.models), "model_sets": preset.model_sets,
+                                        "budget_s": preset.budget_s},
             "layers": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s, "median_s": r.median_s,
                         "ratio_vs_reference": rat.get((r.candidate, r.length)), "skipped": r.skipped,
                         "flops_per_token": r.flops_per_token} for r in results],

@@ -66,6 +66,8 @@ def test_bench_layers_guard_and_errors(tmp_path):
     assert r.exit_code == 2 and "multiple of --window" in r.output
     r = CliRunner().invoke(app, ["bench", "layers", "--kinds", "s4", *TINY_LAYERS])
     assert r.exit_code == 2 and "unknown candidate" in r.output
+    r = CliRunner().invoke(app, ["bench", "report", "--budget", "-1", "--out", str(tmp_path / "never")])
+    assert r.exit_code == 2 and "--budget" in r.output and not (tmp_path / "never").exists()
 
 
 def test_a_layer_out_of_memory_is_a_skipped_cell_not_the_end_of_the_run(monkeypatch):
@@ -96,6 +98,22 @@ def test_a_layer_out_of_memory_is_a_skipped_cell_not_the_end_of_the_run(monkeypa
     monkeypatch.setattr(bench, "fwd_bwd", broken)
     with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
         bench.run_layers(["slide"], [32], cfg, repeats=1, max_seconds=60)
+
+
+def test_no_length_after_the_first_starts_past_the_deadline():
+    """`bench report`'s time budget: the first length always runs (the ratios need one), later
+    lengths are skipped whole once the deadline has passed."""
+    import time
+
+    from bstc import bench
+
+    cfg = bench.BenchConfig(d_model=32, heads=2, window=16, ssm_state=8)
+    results = bench.run_layers(["bst_sh_s4", "slide"], [32, 64], cfg, repeats=1, max_seconds=60,
+                               deadline=time.perf_counter() - 1.0)
+    first, later = [r for r in results if r.length == 32], [r for r in results if r.length == 64]
+    assert len(first) == len(later) == 2
+    assert all(r.times_s and not r.skipped for r in first)
+    assert all(not r.times_s and "time budget" in r.skipped for r in later)
 
 
 def test_the_memory_guard_reads_an_accelerators_own_limit(monkeypatch):

@@ -295,6 +295,8 @@ def report_cmd(
                                "W 512, L 4k–32k: one accelerator)."),
     lengths: Optional[str] = typer.Option(None, "--lengths", help="Override the preset's sequence lengths."),
     max_seconds: Optional[float] = typer.Option(None, "--max-seconds", help="Override the per-step time guard."),
+    budget: Optional[float] = typer.Option(None, "--budget", help="Seconds for the whole report (0: no limit; "
+                                           "paper: 480): no new layer length is started after 60% of it."),
 ):
     """One Markdown report of the speed claims: layers, training step with MFU, sampling."""
     import dataclasses
@@ -312,6 +314,10 @@ def report_cmd(
         p = dataclasses.replace(p, lengths=tuple(lens))
     if max_seconds is not None:
         p = dataclasses.replace(p, max_seconds=max_seconds)
+    if budget is not None:
+        if budget < 0:
+            _fail(f"--budget must be 0 (no limit) or a number of seconds, got {budget:g}")
+        p = dataclasses.replace(p, budget_s=budget or None)
     write_report(out, p, log=lambda s: typer.echo(s, err=True))
     typer.echo(f"wrote {out / 'report.md'}")
 
