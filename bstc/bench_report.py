@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, machine_info, overrides_per_model, plot_layers, ratios,
-                        run_layers, run_models)
+import jax
+
+from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, machine_info, out_of_memory, overrides_per_model,
+                        plot_layers, ratios, run_layers, run_models)
 from bstc.bench_runs import run_decode
 
 
@@ -89,58 +91,88 @@ def _claim(rat, lengths) -> str:
     return f"BRT ÷ BST-SH at L ≥ 8192: {cells} — the ≥ 10× claim {'holds' if held else 'does not hold'} here."
 
 
+def _models_markdown(preset: Preset, models) -> list[str]:
+    if isinstance(models, str):  # why the part was not measured
+        return ["## Training step", "", f"Not measured: {models}.", ""]
+    md = [f"## Training step (batch {preset.batch} × {models[0]['seq_len']} tokens; × {models[0]['model']})", "",
+          "| model | params | step | × first | tokens/s | MFU |", "|---|---:|---:|---:|---:|---:|"]
+    for o in models:
+        md.append(f"| {o['model']} | {o['params'] / 1e6:.2f} M | {1e3 * o['step_s']:.1f} ms | "
+                  f"{o['ratio_vs_first']:.2f} | {o['tokens_per_s']:,.0f} | {100 * o['mfu']:.1f} % |")
+    return md + ["", f"MFU = 3 × forward FLOPs/token (explain) × tokens/s ÷ the measured f32 matmul peak, "
+                     f"{models[0]['matmul_peak_flops'] / 1e12:.3g} TFLOP/s.", ""]
+
+
+def _decode_markdown(dec) -> list[str]:
+    if isinstance(dec, str):
+        return ["## Sampling", "", f"Not measured: {dec}.", ""]
+    return [f"## Sampling ({dec['model']}, {dec['tokens']} tokens at seq_len {dec['seq_len']})", "",
+            "| decoding | ms / token |", "|---|---:|",
+            *(f"| {w} | {1e3 * t:.2f} |" for w, t in dec["s_per_token"].items()),
+            "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", ""]
+
+
+def _unless_out_of_memory(part):
+    """part() — or, when XLA runs out of device memory, the reason as a string: the report keeps
+    what the other parts measured."""
+    try:
+        return part()
+    except jax.errors.JaxRuntimeError as e:
+        if not out_of_memory(e):
+            raise
+        return "out of memory on this device"
+
+
 def write_report(out_dir: Path, preset: Preset, log=lambda s: None) -> dict:
+    """Run the parts and write report.md / report.json; both are rewritten after every part, so
+    a run that dies later (a host out of memory) leaves what was measured."""
     from bstc import zoo
 
     out_dir.mkdir(parents=True, exist_ok=True)
     cfg, lengths = preset.layers, list(preset.lengths)
     phases: dict[str, float] = {}  # seconds per part, compiles included: where a time budget went
+    mach = machine_info()
+    models = dec = "the run ended before this part"
     t0 = time.perf_counter()
     deadline = t0 + LAYER_SHARE * preset.budget_s if preset.budget_s else None
+
+    def write() -> dict:
+        md = [f"# bstc speed report — {mach['device']} ({mach['backend']})", "",
+              f"JAX {mach['jax']}, {mach['devices']} device(s), {mach['cpu_count']} CPU cores. Every table's "
+              "candidates ran interleaved in this one process; read the ratios.", "",
+              f"## One layer, forward + backward (D = {cfg.d_model}, H = {cfg.heads}, W = {cfg.window}, "
+              f"batch {cfg.batch}; × BST-SH)", "", *_layers_markdown(results, lengths, rat), "",
+              *_skips_markdown(results), _claim(rat, lengths), "", "![layers](layers.png)", "",
+              *_models_markdown(preset, models), *_decode_markdown(dec),
+              "Time taken, compiles included: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) +
+              f"; {sum(phases.values()):.0f} s in all" +
+              (f" (budget {preset.budget_s:.0f} s; no new layer length after {LAYER_SHARE:.0%} of it)."
+               if preset.budget_s else "."), ""]
+        (out_dir / "report.md").write_text("\n".join(md))
+        data = {"machine": mach, "preset": {"layers": vars(cfg), "lengths": lengths, "kinds": list(preset.kinds),
+                                            "models": list(preset.models), "model_sets": preset.model_sets,
+                                            "budget_s": preset.budget_s},
+                "layers": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s,
+                            "median_s": r.median_s, "ratio_vs_reference": rat.get((r.candidate, r.length)),
+                            "skipped": r.skipped, "flops_per_token": r.flops_per_token} for r in results],
+                "models": models, "decode": dec, "seconds": phases}
+        (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
+        return data
+
     log("layers …")
     results = run_layers(list(preset.kinds), lengths, cfg, preset.repeats, preset.max_seconds, log=log,
                          deadline=deadline)
     rat = ratios(results)
     plot_layers(results, out_dir / "layers.png", f"one layer, forward + backward — D={cfg.d_model}, W={cfg.window}")
     phases["layers"], t0 = time.perf_counter() - t0, time.perf_counter()
+    write()
     log("models …")
     paths = [zoo.resolve(m) for m in preset.models]
     ovs = overrides_per_model(paths, preset.model_sets)
-    models = run_models([str(p) for p in paths], ovs, preset.batch, preset.steps)
+    models = _unless_out_of_memory(lambda: run_models([str(p) for p in paths], ovs, preset.batch, preset.steps))
     phases["models"], t0 = time.perf_counter() - t0, time.perf_counter()
+    write()
     log("decoding …")
-    dec = run_decode(str(paths[0]), ovs[0], preset.decode_tokens, 1)
+    dec = _unless_out_of_memory(lambda: run_decode(str(paths[0]), ovs[0], preset.decode_tokens, 1))
     phases["decoding"] = time.perf_counter() - t0
-    mach = machine_info()
-
-    md = [f"# bstc speed report — {mach['device']} ({mach['backend']})", "",
-          f"JAX {mach['jax']}, {mach['devices']} device(s), {mach['cpu_count']} CPU cores. Every table's candidates "
-          "ran interleaved in this one process; read the ratios.", "",
-          f"## One layer, forward + backward (D = {cfg.d_model}, H = {cfg.heads}, W = {cfg.window}, "
-          f"batch {cfg.batch}; × BST-SH)", "", *_layers_markdown(results, lengths, rat), "",
-          *_skips_markdown(results), _claim(rat, lengths), "", "![layers](layers.png)", "",
-          f"## Training step (batch {preset.batch} × {models[0]['seq_len']} tokens; × {models[0]['model']})", "",
-          "| model | params | step | × first | tokens/s | MFU |", "|---|---:|---:|---:|---:|---:|"]
-    for o in models:
-        md.append(f"| {o['model']} | {o['params'] / 1e6:.2f} M | {1e3 * o['step_s']:.1f} ms | "
-                  f"{o['ratio_vs_first']:.2f} | {o['tokens_per_s']:,.0f} | {100 * o['mfu']:.1f} % |")
-    md += ["", f"MFU = 3 × forward FLOPs/token (explain) × tokens/s ÷ the measured f32 matmul peak, "
-               f"{models[0]['matmul_peak_flops'] / 1e12:.3g} TFLOP/s.", "",
-           f"## Sampling ({dec['model']}, {dec['tokens']} tokens at seq_len {dec['seq_len']})", "",
-           "| decoding | ms / token |", "|---|---:|",
-           *(f"| {w} | {1e3 * t:.2f} |" for w, t in dec["s_per_token"].items()),
-           "", f"Cached decoding is {dec['speedup']:.1f}× faster than recomputing the forward pass.", "",
-           "Time taken, compiles included: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) +
-           f"; {sum(phases.values()):.0f} s in all" +
-           (f" (budget {preset.budget_s:.0f} s; no new layer length after {LAYER_SHARE:.0%} of it)."
-            if preset.budget_s else "."), ""]
-    (out_dir / "report.md").write_text("\n".join(md))
-    data = {"machine": mach, "preset": {"layers": vars(cfg), "lengths": lengths, "kinds": list(preset.kinds),
-                                        "models": list(preset.models), "model_sets": preset.model_sets,
-                                        "budget_s": preset.budget_s},
-            "layers": [{"candidate": r.candidate, "length": r.length, "times_s": r.times_s, "median_s": r.median_s,
-                        "ratio_vs_reference": rat.get((r.candidate, r.length)), "skipped": r.skipped,
-                        "flops_per_token": r.flops_per_token} for r in results],
-            "models": models, "decode": dec, "seconds": phases}
-    (out_dir / "report.json").write_text(json.dumps(data, indent=2, default=str))
-    return data
+    return write()

@@ -116,6 +116,39 @@ def test_no_length_after_the_first_starts_past_the_deadline():
     assert all(not r.times_s and "time budget" in r.skipped for r in later)
 
 
+def test_a_report_part_out_of_memory_is_noted_and_the_rest_is_written(monkeypatch, tmp_path):
+    """The layers are measured (here: stand-ins), the models' step runs out of device memory: the
+    report says so where the table would be and still has the layers and the sampling."""
+    from bstc import bench_report
+
+    def layers(names, lengths, *a, **k):
+        return [bstc.bench.Result(n, L, times_s=[0.01 * (i + 1)]) for L in lengths for i, n in enumerate(names)]
+
+    def models(*a, **k):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.0GiB.")
+
+    decode = {"model": "bst_sh_s4", "tokens": 8, "seq_len": 64, "s_per_token": {"cached": 1e-3, "recompute": 3e-3},
+              "speedup": 3.0}
+    monkeypatch.setattr(bench_report, "run_layers", layers)
+    monkeypatch.setattr(bench_report, "run_models", models)
+    monkeypatch.setattr(bench_report, "run_decode", lambda *a, **k: decode)
+    data = bench_report.write_report(tmp_path, bench_report.PRESETS["cpu"])
+    md = (tmp_path / "report.md").read_text()
+    assert "## Training step\n\nNot measured: out of memory on this device." in md
+    assert "| BRT recurrent layer | 20.0 ms (2.00×) |" in md and "Cached decoding is 3.0× faster" in md
+    assert data["models"] == "out of memory on this device" and data["decode"] == decode
+    assert json.loads((tmp_path / "report.json").read_text())["models"] == "out of memory on this device"
+
+    def broken(*a, **k):
+        raise jax.errors.JaxRuntimeError("INTERNAL: not a memory problem")
+
+    monkeypatch.setattr(bench_report, "run_models", broken)
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):
+        bench_report.write_report(tmp_path / "again", bench_report.PRESETS["cpu"])
+    again = (tmp_path / "again" / "report.md").read_text()  # written after the layers, before the models
+    assert "Not measured: the run ended before this part." in again and "| BST-SH (S4D) |" in again
+
+
 def test_the_memory_guard_reads_an_accelerators_own_limit(monkeypatch):
     from bstc import bench
 
