@@ -456,6 +456,23 @@ CASES = [
         """,
          ("2:16", "d_model (60) is not divisible by heads (8)", "try d_model = 56 or 64")),
 
+    case("size-errors-do-not-hide-the-layers-own-mistakes", """
+        model m {
+          vocab = 256; d_model = 60; heads = 8; window = 16; seq_len = 64
+          block bst {
+            ssm  = s4d(state: 7)
+            attn = block_attention(window: 24, context: ssm -> mf)
+          }
+          layers { embed; bst; head tied }
+        }
+        """,
+         # The odd state and the one-filter mf source are wrong whatever the sizes; the window
+         # that does not divide seq_len depends on them, so it waits until the sizes are fixed.
+         ("2:16", "d_model (60) is not divisible by heads (8)", "try d_model = 56 or 64"),
+         ("4:16", "s4d state must be even (N/2 complex modes), got 7", "try state: 8"),
+         ("5:49", "context variant 'mf' needs a source with several filters, but it has 1",
+          "give the source e.g. `filters: 16` (S context vectors per block)")),
+
     case("window-does-not-divide-seq-len", """
         model m {
           vocab = 256; d_model = 64; heads = 4; window = 16; seq_len = 64
