@@ -112,7 +112,10 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, say=print) -> 
             tmp_model.unlink()
     written.update(weights=out, model=model_out)
     n = sum(int(x.size) for x in W.named_arrays(model).values())
-    say(f"wrote {out} ({n:,} parameters, step {at}; scanned stacks stored stacked) and {model_out}"
+    # Only a run of SCAN_MIN_COUNT or more repetitions is a scanned stack (bstc.lower.plan_stages).
+    stacks = sum(bool(getattr(st, "stacked", False)) for st in getattr(model, "stages", ()))
+    layout = f"; {stacks} scanned stack{'s' * (stacks != 1)} stored stacked" if stacks else ""
+    say(f"wrote {out} ({n:,} parameters, step {at}{layout}) and {model_out}"
         + (f" and {written['tokenizer']}" if "tokenizer" in written else ""))
     say(f'load with: bstc.load("{model_out}", weights="{out}")')
     return written
