@@ -172,6 +172,40 @@ def test_train_into_a_file_or_an_unwritable_path_is_one_line(tmp_path, monkeypat
         assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
+def test_out_of_device_memory_is_one_line_with_what_to_shrink(tmp_path):
+    """A batch whose activations XLA cannot allocate: one line naming the allocation and the
+    settings to shrink, exit 1 (a failed run), no traceback. The process's address space is
+    capped (`ulimit -v`, 16 GB) so that the allocation fails at once on any machine, instead of
+    whatever the host's memory and overcommit policy would make of 877 GB."""
+    cmd = (f"ulimit -v 16000000 && exec {sys.executable} -m bstc.cli train --batch 20000 --steps 1 "
+           f"-o {tmp_path / 'run'}")
+    p = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "BSTC_JAX_CACHE": "off"})
+    assert p.returncode == 1, p.stderr[-2000:]
+    assert "Traceback" not in p.stderr, p.stderr[-2000:]
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("bstc: error: out of memory on this device (Out of memory allocating ") and "--batch" in last
+
+
+def test_only_xla_running_out_of_memory_is_turned_into_one_line():
+    from bstc.cli.errors import command
+
+    @command
+    def oom():
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 8.00GiB.")
+
+    @command
+    def bug():
+        raise jax.errors.JaxRuntimeError("INTERNAL: a compiler fault")
+
+    import typer
+    with pytest.raises(typer.Exit) as e:
+        oom()
+    assert e.value.exit_code == 1
+    with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL"):  # a fault keeps its traceback
+        bug()
+
+
 # ---- 6: files that are not UTF-8 text -------------------------------------------------------
 def test_a_latin1_byte_is_located_with_its_offset(tmp_path):
     f = tmp_path / "m.bst"

@@ -6,7 +6,7 @@ Exit codes (docs/runtime.md):
 | code | meaning |
 | ---: | --- |
 | 0 | success |
-| 1 | the input was read but is wrong: model-file diagnostics (every error, located), a failed run (a diverging loss, an unusable checkpoint), a sweep or `bench check` with a failing point |
+| 1 | the input was read but is wrong: model-file diagnostics (every error, located), a failed run (a diverging loss, an unusable checkpoint, out of device memory), a sweep or `bench check` with a failing point |
 | 2 | misuse: a bad flag or `--set`, a file or run directory that is not there or not one |
 | 128 + n | stopped by signal n after saving a checkpoint (130: Ctrl-C, 143: SIGTERM) |
 """
@@ -51,5 +51,21 @@ def command(fn):
             fail(str(e))
         except FileNotFoundError as e:
             fail(str(e.args[0] if e.args else e))
+        except Exception as e:
+            if not out_of_memory(e):
+                raise  # a fault of bstc or XLA: the traceback is what a bug report needs
+            fail(f"out of memory on this device ({memory_detail(e)}); try a smaller --batch or seq_len, or "
+                 "--remat full (recompute activations in the backward pass)", code=1)
 
     return wrapper
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """XLA's RESOURCE_EXHAUSTED (checked by name: the CLI does not import jax to handle errors)."""
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)
+
+
+def memory_detail(e: BaseException) -> str:
+    """XLA's first line without its status prefix, e.g. 'Out of memory allocating 877549176016 bytes.'"""
+    first = str(e).strip().splitlines()[0] if str(e).strip() else "RESOURCE_EXHAUSTED"
+    return first.removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
