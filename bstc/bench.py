@@ -29,6 +29,8 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 
+from bstc.errors import out_of_memory
+
 
 @dataclass(frozen=True)
 class Sub:
@@ -200,11 +202,6 @@ def memory_bytes() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
         return 16 * 2**30
-
-
-def out_of_memory(e: Exception) -> bool:
-    """Whether XLA failed for want of memory (a cell to skip, not a run to end)."""
-    return isinstance(e, jax.errors.JaxRuntimeError) and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def run_layers(names: list[str], lengths: list[int], cfg: BenchConfig, repeats: int, max_seconds: float,

@@ -20,9 +20,10 @@ from pathlib import Path
 
 import jax
 
-from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, machine_info, out_of_memory, overrides_per_model,
-                        plot_layers, ratios, run_layers, run_models)
+from bstc.bench import (CANDIDATES, REFERENCE, BenchConfig, machine_info, overrides_per_model, plot_layers, ratios,
+                        run_layers, run_models)
 from bstc.bench_runs import run_decode
+from bstc.errors import out_of_memory
 
 
 @dataclass(frozen=True)

@@ -151,3 +151,9 @@ def read_text_file(path, what: str = "model file") -> str:
         raise BstcError([Diagnostic(Span(str(path), line, col, line, col + 1),
                                     f"{what} is not UTF-8 text: byte 0x{data[e.start]:02x} at offset {e.start}",
                                     "save the file as UTF-8")], {str(path): text}) from None
+
+
+def out_of_memory(e: BaseException) -> bool:
+    """Whether XLA failed for want of device memory (RESOURCE_EXHAUSTED). Checked by the
+    exception's name, so that the command line can ask without importing jax."""
+    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)

@@ -17,7 +17,7 @@ import sys
 
 import typer
 
-from bstc.errors import BstcError
+from bstc.errors import BstcError, out_of_memory
 from bstc.runtime.errors import RunError
 
 
@@ -58,11 +58,6 @@ def command(fn):
                  "--remat full (recompute activations in the backward pass)", code=1)
 
     return wrapper
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """XLA's RESOURCE_EXHAUSTED (checked by name: the CLI does not import jax to handle errors)."""
-    return type(e).__name__ in ("JaxRuntimeError", "XlaRuntimeError") and "RESOURCE_EXHAUSTED" in str(e)
 
 
 def memory_detail(e: BaseException) -> str:
