@@ -113,7 +113,7 @@ def export_run(run_dir: Path, out: Path, step: int | None = None, say=print) -> 
     written.update(weights=out, model=model_out)
     n = sum(int(x.size) for x in W.named_arrays(model).values())
     # Only a run of SCAN_MIN_COUNT or more repetitions is a scanned stack (bstc.lower.plan_stages).
-    stacks = sum(bool(getattr(st, "stacked", False)) for st in getattr(model, "stages", ()))
+    stacks = sum(st.stacked for st in model.stages)
     layout = f"; {stacks} scanned stack{'s' * (stacks != 1)} stored stacked" if stacks else ""
     say(f"wrote {out} ({n:,} parameters, step {at}{layout}) and {model_out}"
         + (f" and {written['tokenizer']}" if "tokenizer" in written else ""))

@@ -207,9 +207,11 @@ def measure_matmul_peak(n: int | None = None, seconds: float = 1.0) -> float:
     return 2.0 * n**3 / best
 
 
-def peak_matmul_size(backend: str) -> int:
-    """The matmul side that shows a backend's peak: 2048 saturates a CPU's cores; an accelerator
-    finishes a 2048² matmul in tens of microseconds, where the launch and the wait for the
-    result would count as much as the arithmetic, so it gets 8192² (a TFLOP, milliseconds)."""
-    return 2048 if backend == "cpu" else 8192
-
+def peak_matmul_size(backend: str, quick: bool = False) -> int:
+    """The matmul side that shows a backend's peak: 2048 saturates a CPU's cores (1024 for a
+    `quick` estimate, as the trainer's start-up wants); an accelerator finishes a 2048² matmul in
+    tens of microseconds, where the launch and the wait for the result would count as much as
+    the arithmetic, so it gets 8192² (a TFLOP, milliseconds) either way."""
+    if backend == "cpu":
+        return 1024 if quick else 2048
+    return 8192

@@ -30,7 +30,8 @@ from bstc.runtime import data as D
 from bstc.runtime.checkpoint import Checkpointer
 from bstc.runtime.config import RunConfig
 from bstc.runtime.errors import Interrupted, NonFiniteLossError, UsageError
-from bstc.runtime.metrics import MetricsWriter, ProgressBar, bits_per_byte, check_tracker, measure_matmul_peak
+from bstc.runtime.metrics import (MetricsWriter, ProgressBar, bits_per_byte, check_tracker, measure_matmul_peak,
+                                  peak_matmul_size)
 from bstc.runtime.model import ModelSpec
 from bstc.runtime.rundir import RunFiles, RunLock
 from bstc.runtime.step import compiled_step, evaluate_batches, init_state
@@ -290,9 +291,7 @@ def _train(cfg: RunConfig, run_dir: Path, spec: ModelSpec, *, resume: bool = Fal
     bar.print(f"[bold]{spec.name}[/] · {nparams / 1e6:.2f}M params · {what} · seq_len {seq_len} · "
               f"batch {cfg.batch} · {cfg.steps} steps → {run_dir}" +
               (f" (resuming at step {start})" if start else "") + (f" · {sh.describe()}" if sh else ""))
-    # A quick estimate for the progress bar's MFU: a smaller matmul on a CPU (start-up time), the
-    # accelerator's own size elsewhere (a small one would understate its peak).
-    quick = 1024 if jax.default_backend() == "cpu" else None
+    quick = peak_matmul_size(jax.default_backend(), quick=True)  # the progress bar's MFU, at start-up
     peak = measure_matmul_peak(n=quick, seconds=0.3) if spec.flops_per_token and progress else None
 
     log_dir = run_dir  # multi-host: process 0 writes the run's metrics, the others their own

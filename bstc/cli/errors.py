@@ -62,5 +62,5 @@ def command(fn):
 
 def memory_detail(e: BaseException) -> str:
     """XLA's first line without its status prefix, e.g. 'Out of memory allocating 877549176016 bytes.'"""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else "RESOURCE_EXHAUSTED"
-    return first.removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")
+    lines = str(e).strip().splitlines() or ["RESOURCE_EXHAUSTED"]
+    return lines[0].removeprefix("RESOURCE_EXHAUSTED:").strip().rstrip(".")

@@ -46,8 +46,7 @@ def _check_instance(raw: RawInstance, params: dict, dims: Dims, errors: Collecto
         if args is not None:
             if shallow:
                 _run_size_free_checks(op, sub, args, ctx, kept, errors)
-            dims_ok = shallow or _run_op_check(op, sub, args, dims, ctx, kept, errors)
-            if dims_ok:
+            if shallow or _run_op_check(op, sub, args, dims, ctx, kept, errors):
                 outputs[sub.name] = (op, args, op.filters(args, dims))
         defined[sub.name] = sub
         out.append((sub, op, args, ctx, universal))
